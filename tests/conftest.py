@@ -1,0 +1,43 @@
+"""Shared test plumbing: an event-loop runner and the no-orphans guarantee.
+
+Every test has a timeout (pytest-timeout, set in pyproject.toml). After each test module, and
+once at the end of the session, no child process of the test run may be left alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+import psutil
+import pytest
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 50.0) -> T:
+    """Run one coroutine on a fresh event loop with an upper bound; tests stay synchronous."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def _live_children() -> list[psutil.Process]:
+    alive = []
+    for child in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_orphans_per_module() -> Iterator[None]:
+    yield
+    _, alive = psutil.wait_procs(_live_children(), timeout=10)
+    leftovers = [f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in alive if p.is_running()]
+    for p in alive:
+        p.kill()
+    assert not leftovers, f"child processes left behind by this module: {leftovers}"
