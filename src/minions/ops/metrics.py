@@ -62,3 +62,55 @@ PROTOCOL_ERRORS = Counter(
     "protocol (kind: decode, unauthenticated, unexpected).",
     ["pool", "kind"], registry=REGISTRY,
 )
+
+# --- orchestration --------------------------------------------------------------------------
+WORKFLOWS = Counter(
+    "minions_workflows", "Workflow lifecycle events per orchestration "
+    "(event: started, succeeded, failed, aborted, resumed).",
+    ["orchestration", "event"], registry=REGISTRY,
+)
+WORKFLOWS_IN_FLIGHT = Gauge(
+    "minions_workflows_in_flight", "Workflows currently running, per orchestration.",
+    ["orchestration"], registry=REGISTRY,
+)
+STEP_SECONDS = Histogram(
+    "minions_step_duration_seconds", "Duration of one minion step.",
+    ["orchestration", "step"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
+PIPELINE_EVENTS = Counter(
+    "minions_pipeline_events", "Events produced by each pipeline.", ["pipeline"],
+    registry=REGISTRY,
+)
+PIPELINE_ERRORS = Counter(
+    "minions_pipeline_errors", "produce_event() calls that raised.", ["pipeline"],
+    registry=REGISTRY,
+)
+RESOURCE_ERRORS = Counter(
+    "minions_resource_errors", "Resource startup/shutdown/runtime failures.",
+    ["resource", "phase"], registry=REGISTRY,
+)
+
+# --- host and process -----------------------------------------------------------------------
+MEMORY_LEVEL = Gauge(
+    "minions_memory_pressure_level", "Memory pressure level: 0 normal, 1 high, 2 critical.",
+    registry=REGISTRY,
+)
+MEMORY_LEVEL_TRANSITIONS = Counter(
+    "minions_memory_pressure_transitions", "Changes of the memory pressure level, by new level.",
+    ["level"], registry=REGISTRY,
+)
+GRU_RSS_BYTES = Gauge(
+    "minions_gru_rss_bytes", "Resident memory of the Gru process.", registry=REGISTRY,
+)
+GRU_CPU_SECONDS = Gauge(
+    "minions_gru_cpu_seconds", "CPU time (user+system) used by the Gru process.",
+    registry=REGISTRY,
+)
+HOST_MEMORY_USED_BYTES = Gauge(
+    "minions_host_memory_used_bytes", "Host memory in use (total minus available).",
+    registry=REGISTRY,
+)
+CGROUP_MEMORY_BYTES = Gauge(
+    "minions_cgroup_memory_current_bytes", "memory.current of Gru's cgroup v2, when present.",
+    registry=REGISTRY,
+)
