@@ -1,0 +1,411 @@
+"""The SQLite mechanics behind :class:`minions.runtime.state.SQLiteStateStore`.
+
+Two ideas live here, both about one file on disk:
+
+* **Refuse, never repair.** :func:`open_database` takes an exclusive ``flock`` on the sidecar
+  ``<db>.lock`` (held for the store's lifetime; the kernel drops it if the holder dies), then
+  inspects an existing file through a *read-only* connection: header, ``user_version`` and
+  ``PRAGMA quick_check``. Only a file that passes is opened for writing, so a corrupt file, a
+  stranger's database or one from a newer Minions is left byte-identical and reported with a
+  :class:`StateStoreError` that says what to do.
+* **Group commit.** :class:`GroupCommitWriter` owns the only writing connection on one thread
+  (sqlite3 connections are thread-bound). It takes everything queued (up to ``max_batch``),
+  keeps the last write per key, applies the batch in one transaction, pays one fsync
+  (``synchronous=FULL`` in WAL mode syncs the WAL on every commit) and then settles every
+  waiting asyncio future. A thousand concurrent workflows cost a handful of fsyncs, not a
+  thousand.
+
+Rows cross this module as plain tuples in column order; the record type belongs to ``state``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from minions.errors import StateStoreError
+
+SCHEMA_VERSION = 1
+TABLE = "workflows"
+COLUMNS = "orchestration_id, workflow_id, event, context, step_index, created_at, updated_at"
+_CREATE = f"""
+CREATE TABLE {TABLE} (
+    orchestration_id TEXT NOT NULL,
+    workflow_id      TEXT NOT NULL,
+    event            BLOB NOT NULL,
+    context          BLOB NOT NULL,
+    step_index       INTEGER NOT NULL,
+    created_at       REAL NOT NULL,
+    updated_at       REAL NOT NULL,
+    PRIMARY KEY (orchestration_id, workflow_id)
+)"""
+# ON CONFLICT DO UPDATE keeps the rowid, so ties on created_at keep first-insert order.
+_UPSERT = f"""
+INSERT INTO {TABLE} ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (orchestration_id, workflow_id) DO UPDATE SET
+    event = excluded.event, context = excluded.context, step_index = excluded.step_index,
+    created_at = excluded.created_at, updated_at = excluded.updated_at"""
+_DELETE = f"DELETE FROM {TABLE} WHERE orchestration_id = ? AND workflow_id = ?"
+SELECT_ORCHESTRATION = (
+    f"SELECT {COLUMNS} FROM {TABLE} WHERE orchestration_id = ? ORDER BY created_at, rowid"
+)
+SELECT_ALL = f"SELECT {COLUMNS} FROM {TABLE} ORDER BY created_at, rowid"
+
+Key = tuple[str, str]
+Row = tuple[str, str, bytes, bytes, int, float, float]
+
+
+# --- opening safely ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class OpenDatabase:
+    """Everything a live store holds on to: the lock and its two connections."""
+
+    path: Path
+    lock_fd: int
+    writer: sqlite3.Connection
+    reader: sqlite3.Connection
+
+    def close(self) -> None:
+        """Close the reader first so the writer is the last connection and checkpoints the WAL."""
+        self.reader.close()
+        self.writer.close()
+        release_lock(self.lock_fd)
+
+
+def open_database(path: Path) -> OpenDatabase:
+    """Lock, validate and (if new or empty) initialise the database; blocking, run in a thread."""
+    _check_directory(path)
+    lock_fd = acquire_lock(path)
+    try:
+        if path.exists():
+            _validate_existing(path)
+        writer = _connect_writer(path)
+        try:
+            reader = connect_read_only(path, check_same_thread=False)
+        except BaseException:
+            writer.close()
+            raise
+    except BaseException:
+        release_lock(lock_fd)
+        raise
+    return OpenDatabase(path, lock_fd, writer, reader)
+
+
+def _check_directory(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise StateStoreError(
+            f"cannot open state database {path}: directory {path.parent} does not exist; "
+            "create it or pass another state path"
+        )
+
+
+def lock_path(path: Path) -> Path:
+    """The sidecar lock file; never the database itself, so locking cannot touch its bytes."""
+    return path.with_name(path.name + ".lock")
+
+
+def acquire_lock(path: Path) -> int:
+    """Take the exclusive per-database lock without waiting, recording our pid in it."""
+    lock = lock_path(path)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StateStoreError(f"cannot create lock file {lock} for {path}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StateStoreError(
+            f"state database {path} is in use by another Gru (pid {holder}, holding {lock}); "
+            "stop that process or give this one a different state path: two Grus must never "
+            "share one state file"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def release_lock(fd: int) -> None:
+    """Forget our pid and drop the lock; the file stays (unlinking a lock file races)."""
+    try:
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing the last descriptor releases the flock
+
+
+def connect_read_only(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection:
+    """A connection that cannot write the file: used to judge it and for every read."""
+    uri = path.absolute().as_uri() + "?mode=ro"
+    return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=check_same_thread)
+
+
+def _validate_existing(path: Path) -> None:
+    """Judge an existing file through a read-only connection; raise rather than touch it."""
+    try:
+        conn = connect_read_only(path)
+        try:
+            version = check_version(conn, path)
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise StateStoreError(
+                    f"state database {path} is corrupt (PRAGMA quick_check: "
+                    f"{'; '.join(problems)}). Minions will not modify it: restore it from a "
+                    "backup, or move it aside to start with an empty store, then restart"
+                )
+            check_tables(conn, path, version)
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def check_version(conn: sqlite3.Connection, path: Path) -> int:
+    """``PRAGMA user_version``, refusing a schema written by a newer Minions."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise StateStoreError(
+            f"state database {path} has schema version {version}, newer than this Minions "
+            f"understands ({SCHEMA_VERSION}). Upgrade Minions to resume its workflows, or move "
+            "the file aside to start with an empty store; it was left untouched"
+        )
+    return version
+
+
+def check_tables(conn: sqlite3.Connection, path: Path, version: int) -> bool:
+    """True if our table exists; an empty file is fine, anyone else's database is refused."""
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if version == 0 and not tables:
+        return False
+    if version == SCHEMA_VERSION and TABLE in tables:
+        return True
+    raise StateStoreError(
+        f"{path} is a SQLite database but not a Minions state store (user_version {version}, "
+        f"tables {sorted(tables)}). Minions will not modify it: pass another state path"
+    )
+
+
+def _unreadable(path: Path, exc: sqlite3.Error) -> StateStoreError:
+    return StateStoreError(
+        f"state database {path} is not a readable SQLite database "
+        f"({getattr(exc, 'sqlite_errorname', type(exc).__name__)}: {exc}). Minions will not "
+        "overwrite it: move it aside or restore it from a backup, then restart"
+    )
+
+
+def _connect_writer(path: Path) -> sqlite3.Connection:
+    """The one writing connection: WAL, fsync on every commit, schema created if absent."""
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    except sqlite3.Error as exc:
+        raise _unreadable(path, exc) from exc
+    try:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StateStoreError(
+                f"state database {path} cannot use WAL journaling (got {mode!r}); put it on a "
+                "local filesystem"
+            )
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("BEGIN IMMEDIATE")
+        if not check_tables(conn, path, check_version(conn, path)):
+            conn.execute(_CREATE)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException as exc:
+        conn.close()
+        if isinstance(exc, sqlite3.Error):
+            raise _unreadable(path, exc) from exc
+        raise
+    return conn
+
+
+def read_rows(path: Path, sql: str = SELECT_ALL, params: Iterable[Any] = ()) -> list[Row]:
+    """Read without the lock and without writing: safe next to a live Gru (WAL readers)."""
+    if not path.is_file():
+        raise StateStoreError(f"no state database at {path}; check the path (nothing saved yet?)")
+    try:
+        conn = connect_read_only(path)
+        try:
+            if not check_tables(conn, path, check_version(conn, path)):
+                return []
+            return conn.execute(sql, tuple(params)).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise _unreadable(path, exc) from exc
+
+
+# --- group commit -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Write:
+    """One save (``row`` set) or delete (``row`` None), and the future its caller awaits."""
+
+    key: Key
+    row: Row | None
+    future: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class _Call:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+
+
+@dataclass(slots=True)
+class _Stop:
+    future: asyncio.Future[None]
+
+
+_Op = Write | _Call | _Stop
+
+
+class GroupCommitWriter:
+    """The single writer thread; see the module note. Fed from the event loop, never blocks it."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, max_batch: int) -> None:
+        self._conn = conn
+        self._path = path
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="minions-state-writer", daemon=True)
+        self.commits = 0
+        self.failed_commits = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, write: Write) -> None:
+        self._queue.put(write)
+
+    def call(self, fn: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any]) -> None:
+        """Run ``fn(conn)`` on the writer thread, in queue order (maintenance, fault injection)."""
+        self._queue.put(_Call(fn, future))
+
+    def stop(self, future: asyncio.Future[None]) -> None:
+        """Commit everything queued before this, then end the thread and settle ``future``."""
+        self._queue.put(_Stop(future))
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while self._run_batch(self._take_batch()):
+                pass
+        finally:
+            self._fail_leftovers()
+
+    def _take_batch(self) -> list[_Op]:
+        batch = [self._queue.get()]
+        while len(batch) < self._max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _run_batch(self, batch: list[_Op]) -> bool:
+        """Commit runs of writes between calls/stops, keeping queue order; False on stop."""
+        writes: list[Write] = []
+        for op in batch:
+            if isinstance(op, Write):
+                writes.append(op)
+                continue
+            self._commit(writes)
+            writes = []
+            if isinstance(op, _Stop):
+                _settle([op.future], None, None)
+                return False
+            self._call(op)
+        self._commit(writes)
+        return True
+
+    def _commit(self, writes: list[Write]) -> None:
+        if not writes:
+            return
+        latest: dict[Key, Write] = {w.key: w for w in writes}  # last write per key wins
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(_UPSERT, [w.row for w in latest.values() if w.row is not None])
+            conn.executemany(_DELETE, [w.key for w in latest.values() if w.row is None])
+            conn.execute("COMMIT")
+        except Exception as exc:
+            self._rollback()
+            self.failed_commits += 1
+            _settle([w.future for w in writes], None, self._write_error(len(writes), exc))
+            return
+        self.commits += 1
+        _settle([w.future for w in writes], None, None)
+
+    def _rollback(self) -> None:
+        try:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # SQLite already rolled back (e.g. after SQLITE_FULL); nothing left to undo
+
+    def _write_error(self, count: int, exc: Exception) -> str:
+        name = getattr(exc, "sqlite_errorname", type(exc).__name__)
+        return (
+            f"could not commit {count} checkpoint write(s) to {self._path}: {name}: {exc}. "
+            "They were not durably saved; check free disk space and the filesystem. The store "
+            "keeps running and later saves are attempted normally"
+        )
+
+    def _call(self, op: _Call) -> None:
+        try:
+            result = op.fn(self._conn)
+        except Exception as exc:
+            _settle([op.future], None, exc)
+        else:
+            _settle([op.future], result, None)
+
+    def _fail_leftovers(self) -> None:
+        """Nothing queued may vanish: anything behind a stop (or a crash) fails loudly."""
+        while True:
+            try:
+                op = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            _settle([op.future], None, f"state store {self._path} was closed before this write")
+
+
+def _settle(
+    futures: list[asyncio.Future[Any]], result: Any, error: str | BaseException | None
+) -> None:
+    """Resolve futures from the writer thread: one ``call_soon_threadsafe`` per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[Any]]] = {}
+    for future in futures:
+        by_loop.setdefault(future.get_loop(), []).append(future)
+    for loop, group in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(_resolve_all, group, result, error)
+
+
+def _resolve_all(
+    futures: list[asyncio.Future[Any]], result: Any, error: str | BaseException | None
+) -> None:
+    for future in futures:
+        if future.done():  # the waiting task was cancelled; the write itself still happened
+            continue
+        if error is None:
+            future.set_result(result)
+        elif isinstance(error, str):
+            future.set_exception(StateStoreError(error))  # a fresh exception per waiter
+        else:
+            future.set_exception(error)

@@ -1,0 +1,259 @@
+"""Durable workflow checkpoints: the record, the store contract, and its two implementations.
+
+Gru checkpoints a workflow (encoded event + context + index of the next step) *before* each
+step and deletes it when the workflow ends, so after a crash every unfinished workflow resumes
+at the step it was about to run. ``save`` therefore returns only once the write would survive
+power loss, not merely a process crash: SQLite in WAL mode with ``synchronous=FULL``.
+
+An fsync costs milliseconds, and a busy Gru has hundreds of workflows checkpointing at once.
+So writes never run on the event loop and never one fsync each: every save and delete is
+queued to one writer thread that commits whatever has piled up as a single transaction
+(group commit; see ``sqlite_store``) and then wakes all of their awaiting tasks. Reads go through
+their own read-only WAL connection in a worker thread instead of the writer's queue: they
+are rare (orchestration start, CLI), see every committed save, and should not wait behind
+an fsync or delay one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, Self, TypeVar, runtime_checkable
+
+import msgspec
+
+from minions.errors import StateStoreError
+from minions.runtime import sqlite_store as _sql
+
+T = TypeVar("T")
+
+__all__ = [
+    "MemoryStateStore",
+    "SQLiteStateStore",
+    "StateStore",
+    "WorkflowRecord",
+    "read_workflows",
+]
+
+
+class WorkflowRecord(msgspec.Struct, frozen=True):
+    """One unfinished workflow. ``event``/``context`` are opaque msgpack bytes to the store."""
+
+    orchestration_id: str
+    workflow_id: str
+    event: bytes
+    context: bytes
+    step_index: int  # index of the NEXT step to run
+    created_at: float  # time.time() of the workflow's first save
+    updated_at: float
+
+    def _row(self) -> _sql.Row:
+        return (
+            self.orchestration_id,
+            self.workflow_id,
+            self.event,
+            self.context,
+            self.step_index,
+            self.created_at,
+            self.updated_at,
+        )
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """What Gru needs from a checkpoint store; called only from Gru's event loop."""
+
+    async def open(self) -> None:
+        """Validate or create the store; raise :class:`StateStoreError` if it is unusable."""
+
+    async def save(self, record: WorkflowRecord) -> None:
+        """Insert or replace the record; return only once it is durable."""
+
+    async def delete(self, orchestration_id: str, workflow_id: str) -> None:
+        """Forget a finished workflow, durably; deleting an absent key is not an error."""
+
+    async def load(self, orchestration_id: str) -> list[WorkflowRecord]:
+        """Unfinished workflows of one orchestration, oldest ``created_at`` first."""
+
+    async def list_all(self) -> list[WorkflowRecord]:
+        """Every unfinished workflow, oldest first (``minions workflows``)."""
+
+    async def close(self) -> None:
+        """Flush pending writes and release the store; idempotent."""
+
+
+def _check_record(record: WorkflowRecord) -> None:
+    """Reject a malformed record in the caller, before it can fail a whole batch of others."""
+    if not isinstance(record, WorkflowRecord):
+        raise TypeError(f"expected a WorkflowRecord, got {type(record).__name__}")
+    fields = (record.orchestration_id, record.workflow_id, record.event, record.context)
+    if not all(isinstance(v, t) for v, t in zip(fields, (str, str, bytes, bytes), strict=True)):
+        raise TypeError("WorkflowRecord ids must be str and event/context must be bytes")
+    if not isinstance(record.step_index, int) or isinstance(record.step_index, bool):
+        raise TypeError("WorkflowRecord.step_index must be an int")
+
+
+class MemoryStateStore:
+    """The contract without a disk: resume works only within this process (and in tests).
+
+    Saves are immediate; the data survives ``close()``/``open()`` of the same object, so one
+    store can be handed to successive Grus of one process.
+    """
+
+    def __init__(self) -> None:
+        self._records: dict[tuple[str, str], WorkflowRecord] = {}
+
+    async def open(self) -> None:
+        return None
+
+    async def save(self, record: WorkflowRecord) -> None:
+        _check_record(record)
+        self._records[(record.orchestration_id, record.workflow_id)] = record
+
+    async def delete(self, orchestration_id: str, workflow_id: str) -> None:
+        self._records.pop((orchestration_id, workflow_id), None)
+
+    async def load(self, orchestration_id: str) -> list[WorkflowRecord]:
+        mine = [r for r in self._records.values() if r.orchestration_id == orchestration_id]
+        return sorted(mine, key=lambda r: r.created_at)  # stable: ties keep insertion order
+
+    async def list_all(self) -> list[WorkflowRecord]:
+        return sorted(self._records.values(), key=lambda r: r.created_at)
+
+    async def close(self) -> None:
+        return None
+
+
+class SQLiteStateStore:
+    """The default store: one SQLite file, one exclusive owner, group-committed durable writes.
+
+    ``open()`` refuses (with :class:`StateStoreError`, file untouched) a database that another
+    live Gru holds, that is corrupt or not a database, or that has a newer schema. A save or
+    delete whose commit fails (disk full, I/O error) raises :class:`StateStoreError`; the
+    writer keeps going. A save whose awaiting task is cancelled may still become durable.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str] = "minions.db", *, max_batch: int = 512
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.path = Path(os.fspath(path))
+        self._max_batch = max_batch
+        self._db: _sql.OpenDatabase | None = None
+        self._writer: _sql.GroupCommitWriter | None = None
+        self._read_lock = threading.Lock()  # the read connection is shared by to_thread workers
+        self._closing: asyncio.Future[None] | None = None
+        self._last_commits = 0
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed so far: with group commit, far fewer than saves."""
+        return self._writer.commits if self._writer else self._last_commits
+
+    async def open(self) -> None:
+        if self._writer is not None:
+            return
+        if self._closing is not None:
+            raise StateStoreError(f"state store {self.path} was closed; create a new store")
+        db = await asyncio.to_thread(_sql.open_database, self.path)
+        self._db = db
+        self._writer = _sql.GroupCommitWriter(db.writer, self.path, self._max_batch)
+        self._writer.start()
+
+    async def save(self, record: WorkflowRecord) -> None:
+        _check_record(record)
+        await self._write((record.orchestration_id, record.workflow_id), record._row())
+
+    async def delete(self, orchestration_id: str, workflow_id: str) -> None:
+        await self._write((orchestration_id, workflow_id), None)
+
+    async def _write(self, key: _sql.Key, row: _sql.Row | None) -> None:
+        writer = self._require_writer()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        writer.submit(_sql.Write(key, row, future))
+        await future
+
+    async def load(self, orchestration_id: str) -> list[WorkflowRecord]:
+        self._require_writer()
+        return await asyncio.to_thread(self._read, _sql.SELECT_ORCHESTRATION, (orchestration_id,))
+
+    async def list_all(self) -> list[WorkflowRecord]:
+        self._require_writer()
+        return await asyncio.to_thread(self._read, _sql.SELECT_ALL, ())
+
+    def _read(self, sql: str, params: tuple[Any, ...]) -> list[WorkflowRecord]:
+        with self._read_lock:
+            if self._db is None:
+                raise StateStoreError(f"state store {self.path} was closed during a read")
+            try:
+                rows = self._db.reader.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise StateStoreError(f"cannot read state database {self.path}: {exc}") from exc
+        return [WorkflowRecord(*row) for row in rows]
+
+    async def close(self) -> None:
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+            try:
+                await self._shut_down()
+            finally:
+                self._closing.set_result(None)
+        elif not self._closing.done():  # a concurrent close(): wait for the first one
+            await asyncio.shield(self._closing)
+
+    async def _shut_down(self) -> None:
+        """Drain the queue, end the writer thread, close both connections, drop the lock."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        self._last_commits = writer.commits
+        drained: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        writer.stop(drained)
+        await drained
+        await asyncio.to_thread(self._release, writer)
+
+    def _release(self, writer: _sql.GroupCommitWriter) -> None:
+        writer.join()
+        with self._read_lock:
+            db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+    def _require_writer(self) -> _sql.GroupCommitWriter:
+        if self._writer is None:
+            state = "was closed" if self._closing is not None else "is not open"
+            raise StateStoreError(f"state store {self.path} {state}; await store.open() first")
+        return self._writer
+
+    async def _call_in_writer(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the writer's connection in queue order (tests inject faults this way)."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._require_writer().call(fn, future)
+        return await future
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def read_workflows(path: str | os.PathLike[str] = "minions.db") -> list[WorkflowRecord]:
+    """Every unfinished workflow in ``path``, oldest first, for the CLI.
+
+    Synchronous and read-only: takes no lock and writes nothing, so it works while a Gru owns
+    the file. Raises :class:`StateStoreError` if the file is missing, corrupt or newer.
+    """
+    return [WorkflowRecord(*row) for row in _sql.read_rows(Path(os.fspath(path)))]
