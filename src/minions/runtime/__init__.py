@@ -1,0 +1,1 @@
+"""Gru's orchestration runtime; import the public names from :mod:`minions`."""

@@ -1,0 +1,80 @@
+"""Values Gru's lifecycle calls return: results say what happened instead of raising.
+
+A start or stop that fails is an expected outcome of an operator action (a misconfigured minion, a
+database that went away), so it is a value with a ``reason`` the caller can log or show.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class GruState(enum.Enum):
+    RUNNING = "running"
+    SHUTTING_DOWN = "shutting_down"
+    CLOSED = "closed"
+
+
+class OrchestrationState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class StartResult(msgspec.Struct, frozen=True):
+    """``start_orchestration`` outcome; ``reason`` says why when ``success`` is false."""
+
+    success: bool
+    reason: str = ""
+    orchestration_id: str = ""
+    resumed: int = 0
+
+
+class StopResult(msgspec.Struct, frozen=True):
+    """``stop_orchestration`` outcome; ``cancelled`` workflows kept their checkpoints."""
+
+    success: bool
+    reason: str = ""
+    orchestration_id: str = ""
+    cancelled: int = 0
+    errors: dict[str, str] = {}
+
+
+class ShutdownResult(msgspec.Struct, frozen=True):
+    """``shutdown`` outcome; ``errors`` maps a component (import path) to what went wrong."""
+
+    success: bool
+    errors: dict[str, str] = {}
+    cancelled: int = 0
+
+
+class OrchestrationStatus(msgspec.Struct, frozen=True):
+    orchestration_id: str
+    pipeline: str
+    minion: str
+    state: OrchestrationState
+    in_flight: int
+    max_in_flight: int
+    succeeded: int
+    failed: int
+    aborted: int
+
+
+class ResourceStatus(msgspec.Struct, frozen=True):
+    resource: str
+    refs: int
+    state: str
+    is_pool: bool
+
+
+class GruStatus(msgspec.Struct, frozen=True):
+    """A point-in-time snapshot for operators (``gru.status()``)."""
+
+    state: GruState
+    orchestrations: tuple[OrchestrationStatus, ...]
+    resources: tuple[ResourceStatus, ...]
+    pipelines_paused: bool
+    durable: bool
