@@ -90,6 +90,8 @@ def open_database(path: Path) -> OpenDatabase:
     try:
         if path.exists():
             _validate_existing(path)
+        else:
+            _check_no_stray_wal(path)
         writer = _connect_writer(path)
         try:
             reader = connect_read_only(path, check_same_thread=False)
@@ -107,6 +109,16 @@ def _check_directory(path: Path) -> None:
         raise StateStoreError(
             f"cannot open state database {path}: directory {path.parent} does not exist; "
             "create it or pass another state path"
+        )
+
+
+def _check_no_stray_wal(path: Path) -> None:
+    """A WAL whose database is gone would be replayed into the new file: refuse instead."""
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise StateStoreError(
+            f"state database {path} is missing but its write-ahead log {wal} is not; restore "
+            f"the database next to it, or move {wal} aside to start with an empty store"
         )
 
 
@@ -159,10 +171,11 @@ def _validate_existing(path: Path) -> None:
             version = check_version(conn, path)
             problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
             if problems != ["ok"]:
+                found = "; ".join(problems).replace("\n", "; ")
                 raise StateStoreError(
-                    f"state database {path} is corrupt (PRAGMA quick_check: "
-                    f"{'; '.join(problems)}). Minions will not modify it: restore it from a "
-                    "backup, or move it aside to start with an empty store, then restart"
+                    f"state database {path} is corrupt (PRAGMA quick_check: {found}). Minions "
+                    "will not modify it: restore it from a backup, or move it (with its -wal and "
+                    "-shm files) aside to start with an empty store, then restart"
                 )
             check_tables(conn, path, version)
         finally:
@@ -178,7 +191,8 @@ def check_version(conn: sqlite3.Connection, path: Path) -> int:
         raise StateStoreError(
             f"state database {path} has schema version {version}, newer than this Minions "
             f"understands ({SCHEMA_VERSION}). Upgrade Minions to resume its workflows, or move "
-            "the file aside to start with an empty store; it was left untouched"
+            "it (with its -wal and -shm files) aside to start with an empty store; it was left "
+            "untouched"
         )
     return version
 
@@ -200,7 +214,8 @@ def _unreadable(path: Path, exc: sqlite3.Error) -> StateStoreError:
     return StateStoreError(
         f"state database {path} is not a readable SQLite database "
         f"({getattr(exc, 'sqlite_errorname', type(exc).__name__)}: {exc}). Minions will not "
-        "overwrite it: move it aside or restore it from a backup, then restart"
+        "overwrite it: restore it from a backup, or move it (with its -wal and -shm files) "
+        "aside to start with an empty store, then restart"
     )
 
 
