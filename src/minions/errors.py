@@ -45,7 +45,9 @@ class RemoteError(WorkerCallError):
         self.remote_traceback = remote_traceback
         self.method = method
         self.worker_id = worker_id
-        super().__init__(f"{method}() failed in worker {worker_id} [{kind}]: {type_name}: {message}")
+        super().__init__(
+            f"{method}() failed in worker {worker_id} [{kind}]: {type_name}: {message}"
+        )
 
     def __str__(self) -> str:
         text = super().__str__()
@@ -184,7 +186,7 @@ class ProtocolError(MinionsError):
 # --- orchestration ---------------------------------------------------------------------------
 
 
-class AbortWorkflow(MinionsError):  # noqa: N818 - name fixed by the public API
+class AbortWorkflow(MinionsError):
     """Raised by a step to end its workflow on purpose; the checkpoint is deleted, not an error."""
 
 

@@ -1,0 +1,192 @@
+"""The worker process: a fresh interpreter serving one ``WorkerService`` over a DEALER socket.
+
+Started by the pool as ``python -m minions.ipc.worker ...`` (never a fork of Gru). Order of
+boot matters: arm parent-death signalling first (so a Gru killed at any moment leaves no
+orphan), then faulthandler to the per-worker crash file (so a segfault in ``setup()`` is already
+explained), then import the service and run ``setup()``, and only then say hello. Calls are
+served strictly one at a time, in arrival order; the pool relies on that order to know which
+call killed a worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import faulthandler
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import IO, Any
+
+import msgspec
+import zmq
+
+from minions.ipc import messages as m
+from minions.ipc.service import MethodSpec, describe, load_service
+from minions.pool.verdict import BOOT_FAILED_EXIT, ORPHANED_EXIT
+
+_PR_SET_PDEATHSIG = 1
+TOKEN_ENV = "MINIONS_WORKER_TOKEN"
+
+
+def arm_parent_death(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when the parent dies; exit now if it already has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the idle-time getppid() check still works
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(ORPHANED_EXIT)
+
+
+class _Handler:
+    """One exposed method, ready to validate and run a call."""
+
+    __slots__ = ("args_decoder", "fields", "func", "spec")
+
+    def __init__(self, spec: MethodSpec, func: Callable[..., Any]) -> None:
+        self.spec = spec
+        self.func = func
+        self.args_decoder = msgspec.msgpack.Decoder(spec.args_type)
+        self.fields = msgspec.structs.fields(spec.args_type)
+
+    def bind(self, call: m.Call) -> tuple[Any, ...]:
+        """Decode and type-check the arguments; raises ``msgspec.ValidationError``/``TypeError``."""
+        if bytes(call.kwargs) == m.EMPTY_MAP:
+            return msgspec.structs.astuple(self.args_decoder.decode(call.args))
+        positional = msgspec.msgpack.decode(call.args, type=list)
+        keywords = msgspec.msgpack.decode(call.kwargs, type=dict[str, Any])
+        if len(positional) > len(self.fields):
+            raise TypeError(f"takes {len(self.fields)} arguments, got {len(positional)}")
+        values: list[Any] = list(positional)
+        for f in self.fields[len(positional) :]:
+            if f.name in keywords:
+                values.append(keywords.pop(f.name))
+            elif f.required:
+                raise TypeError(f"missing required argument {f.name!r}")
+            else:
+                values.append(f.default if f.default is not msgspec.NODEFAULT else None)
+        if keywords:
+            raise TypeError(f"unexpected or duplicate keyword arguments {sorted(keywords)}")
+        return msgspec.structs.astuple(msgspec.convert(values, self.spec.args_type))
+
+
+def _failure(call_id: int, kind: m.FailureKind, exc: BaseException, tb: str = "") -> bytes:
+    return m.encoder.encode(m.Failure(call_id, kind, type(exc).__qualname__, str(exc), tb))
+
+
+def serve_call(handlers: dict[str, _Handler], call: m.Call) -> bytes:
+    """Run one call and return the encoded Result or Failure. Never raises ``Exception``."""
+    if call.deadline and time.monotonic() > call.deadline:
+        exc = TimeoutError("the call's deadline passed before the worker could start it")
+        return _failure(call.call_id, m.FailureKind.EXPIRED, exc)
+    handler = handlers.get(call.method)
+    if handler is None:
+        exc = LookupError(f"unknown method {call.method!r}; exposed: {sorted(handlers)}")
+        return _failure(call.call_id, m.FailureKind.UNKNOWN_METHOD, exc)
+    try:
+        args = handler.bind(call)
+    except (msgspec.ValidationError, msgspec.DecodeError, TypeError) as exc:
+        return _failure(call.call_id, m.FailureKind.INVALID_ARGS, exc)
+    try:
+        value = handler.func(*args)
+    except Exception as exc:
+        return _failure(call.call_id, m.FailureKind.EXCEPTION, exc, traceback.format_exc())
+    try:
+        return m.encoder.encode(m.Result(call.call_id, msgspec.Raw(m.encoder.encode(value))))
+    except (TypeError, ValueError, OverflowError) as exc:
+        return _failure(call.call_id, m.FailureKind.UNENCODABLE_RESULT, exc)
+
+
+def _boot(service_path: str, crash: IO[str]) -> tuple[Any, dict[str, _Handler]]:
+    """Import the service and run ``setup()``; on failure write why to the crash file and exit."""
+    try:
+        cls = load_service(service_path)
+        service = cls()
+        service.setup()
+        handlers = {
+            name: _Handler(spec, getattr(service, name)) for name, spec in describe(cls).items()
+        }
+    except BaseException:
+        crash.write(traceback.format_exc())
+        crash.flush()
+        os._exit(BOOT_FAILED_EXIT)
+    return service, handlers
+
+
+def run(args: argparse.Namespace) -> int:
+    """Boot, say hello, serve until told to stop or the parent is gone."""
+    arm_parent_death(args.parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to Gru, which stops us
+    crash = open(args.crash_file, "w", buffering=1)  # noqa: SIM115 - lives as long as we do
+    faulthandler.enable(file=crash, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=crash, all_threads=True, chain=False)
+    token = os.environ.pop(TOKEN_ENV, "")
+    service, handlers = _boot(args.service, crash)
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, args.identity.encode())
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(args.endpoint)
+    hello = m.Hello(
+        m.PROTOCOL_VERSION, args.worker_id, os.getpid(), args.service, tuple(handlers), token
+    )
+    sock.send(m.encoder.encode(hello))
+    try:
+        _serve(sock, handlers, args)
+        service.teardown()
+    finally:
+        sock.close(linger=2000)
+        ctx.term()
+    return 0
+
+
+def _serve(
+    sock: zmq.Socket[bytes], handlers: dict[str, _Handler], args: argparse.Namespace
+) -> None:
+    heartbeat_ms = int(args.heartbeat_s * 1000)
+    heartbeat = m.encoder.encode(m.Heartbeat())
+    while True:
+        if not sock.poll(heartbeat_ms):
+            if os.getppid() != args.parent_pid:
+                os._exit(ORPHANED_EXIT)
+            sock.send(heartbeat)
+            continue
+        frame = sock.recv()
+        try:
+            msg = m.worker_decoder.decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            print(f"minions worker {args.worker_id}: dropped bad frame: {exc}", file=sys.stderr)
+            continue
+        match msg:
+            case m.Call():
+                sock.send(serve_call(handlers, msg))
+            case m.Shutdown():
+                return
+            case m.Heartbeat():
+                pass
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="minions worker", description="Serve a WorkerService.")
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--service", required=True)
+    p.add_argument("--worker-id", type=int, required=True)
+    p.add_argument("--identity", required=True)
+    p.add_argument("--crash-file", required=True)
+    p.add_argument("--parent-pid", type=int, required=True)
+    p.add_argument("--heartbeat-s", type=float, default=1.0)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

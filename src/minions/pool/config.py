@@ -1,0 +1,102 @@
+"""``PoolConfig``: every setting of a worker pool, validated once where it is read.
+
+Users configure a pool with class attributes on their ``WorkerPool`` subclass (the established
+style: ``service = "pkg.mod:Service"``, ``workers = 4``); :meth:`PoolConfig.from_class` reads
+them into one frozen object, and a bad value raises ``ValueError`` naming the setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """Settings of one pool. Durations are seconds, sizes MiB; ``0`` disables a limit."""
+
+    service: str
+    name: str = ""
+    workers: int = 2
+    spare_workers: int = 0
+    call_timeout_s: float = 30.0
+    max_calls_per_worker: int = 0
+    max_rss_mb: float = 0.0
+    retries_on_crash: int = 0
+    poison_ttl_s: float = 60.0
+    restart_backoff_initial_s: float = 0.05
+    restart_backoff_max_s: float = 5.0
+    restart_intensity: int = 10
+    restart_period_s: float = 10.0
+    circuit_reset_s: float = 5.0
+    max_queue: int = 10_000
+    pipeline_depth: int = 2
+    boot_timeout_s: float = 30.0
+    shutdown_grace_s: float = 10.0
+    heartbeat_s: float = 1.0
+    rss_check_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.service, str) or self.service.count(":") != 1:
+            raise ValueError(f"service must be 'module:Class', got {self.service!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", "float") and (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or (f.type == "int" and not isinstance(value, int))
+                or not math.isfinite(value)
+            ):
+                raise ValueError(f"{f.name} must be a finite {f.type}, got {value!r}")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        at_least = {
+            "workers": 1,
+            "pipeline_depth": 1,
+            "restart_intensity": 1,
+            "max_queue": 1,
+            "spare_workers": 0,
+            "max_calls_per_worker": 0,
+            "max_rss_mb": 0,
+            "retries_on_crash": 0,
+            "poison_ttl_s": 0,
+            "restart_backoff_initial_s": 0,
+        }
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)!r}")
+        for name in (
+            "call_timeout_s",
+            "restart_period_s",
+            "circuit_reset_s",
+            "boot_timeout_s",
+            "shutdown_grace_s",
+            "heartbeat_s",
+            "rss_check_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.restart_backoff_max_s < self.restart_backoff_initial_s:
+            raise ValueError(
+                "restart_backoff_max_s must be >= restart_backoff_initial_s, got "
+                f"{self.restart_backoff_max_s!r} < {self.restart_backoff_initial_s!r}"
+            )
+
+    @classmethod
+    def from_class(cls, pool_cls: type, **overrides: Any) -> PoolConfig:
+        """Read settings from ``pool_cls``'s class attributes (subclass wins), then overrides."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if hasattr(pool_cls, f.name):
+                values[f.name] = getattr(pool_cls, f.name)
+        values.update(overrides)
+        if not values.get("name"):
+            values["name"] = pool_cls.__name__
+        if "service" not in values or not values["service"]:
+            raise ValueError(
+                f"{pool_cls.__name__}.service must name a WorkerService 'module:Class'"
+            )
+        return cls(**values)

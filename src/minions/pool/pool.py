@@ -1,0 +1,446 @@
+"""``WorkerPool``: the parent side of the isolation boundary.
+
+Design note. Everything runs on Gru's event loop, in one thread: the ROUTER channel's reader,
+each worker's pidfd reader, per-call deadline timers and a slow supervising task. A call is
+encoded once, waits in one FIFO queue, and is sent to the least-loaded active worker (up to
+``pipeline_depth`` calls per worker, so the next call is already there when one finishes).
+Workers answer strictly in order, so when a worker dies the first call it owed is the one that
+killed it and the rest never started: those are re-queued at no cost. See ``supervisor.py`` for
+the death, restart and recycle side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgspec
+
+from minions.errors import (
+    CallTimeout,
+    Overloaded,
+    PoisonCall,
+    PoolUnavailable,
+    RemoteError,
+    WorkerCallError,
+    WorkerCrashed,
+)
+from minions.ipc import messages as m
+from minions.ipc.channel import RouterChannel
+from minions.ipc.endpoint import Endpoint
+from minions.ipc.service import MethodSpec, describe, load_service
+from minions.ops import metrics
+from minions.ops.levels import MemoryLevel
+from minions.pool.calls import PendingCall, fingerprint
+from minions.pool.config import PoolConfig
+from minions.pool.intensity import Backoff, RestartIntensity
+from minions.pool.process import Phase, WorkerProcess
+from minions.pool.states import Circuit, PoolState
+from minions.pool.supervisor import Supervisor
+from minions.resource import Resource
+
+log = logging.getLogger("minions.pool")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSnapshot:
+    """A point-in-time view for status pages, metrics and tests."""
+
+    name: str
+    state: PoolState
+    circuit: Circuit
+    workers_ready: int
+    spares_ready: int
+    booting: int
+    in_flight: int
+    queue_depth: int
+    memory_level: MemoryLevel
+    pids: tuple[int, ...]
+
+
+_OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
+    (PoisonCall, "poison"),
+    (WorkerCrashed, "crashed"),
+    (CallTimeout, "timeout"),
+    (RemoteError, "remote_error"),
+    (Overloaded, "overloaded"),
+    (PoolUnavailable, "unavailable"),
+)
+
+
+def _outcome(exc: BaseException) -> str:
+    for cls, label in _OUTCOMES:
+        if isinstance(exc, cls):
+            return label
+    return "error"
+
+
+class WorkerPool(Resource):
+    """A supervised pool of worker processes serving one ``WorkerService``.
+
+    Configure by subclassing; every class attribute below maps to a :class:`PoolConfig` field
+    (see it for meanings and defaults)::
+
+        class NativePool(WorkerPool):
+            service = "native_demo.service:NativeDemo"
+            workers = 2
+            retries_on_crash = 1
+
+        async with NativePool() as pool:
+            await pool.call("crc32", b"abc")
+
+    Every call ends with a value or one of the errors in :mod:`minions.errors`.
+    """
+
+    service: ClassVar[str] = ""
+
+    def __init__(self, config: PoolConfig | None = None) -> None:
+        self.config = config if config is not None else PoolConfig.from_class(type(self))
+        self.name = self.config.name or type(self).__name__
+        self._state = PoolState.NEW
+        self._circuit = Circuit.CLOSED
+        self._memory_level = MemoryLevel.NORMAL
+        self._queue: collections.deque[PendingCall] = collections.deque()
+        self._workers: dict[bytes, WorkerProcess] = {}
+        self._in_flight = 0
+        self._ids = itertools.count(1)
+        self._worker_ids = itertools.count(1)
+        self._quarantine: dict[bytes, float] = {}
+        self._specs: dict[str, MethodSpec] = {}
+        self._decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {}
+        self._intensity = RestartIntensity(
+            self.config.restart_intensity, self.config.restart_period_s
+        )
+        self._backoff = Backoff(
+            self.config.restart_backoff_initial_s, self.config.restart_backoff_max_s
+        )
+        self._changed = asyncio.Event()
+        self._endpoint: Endpoint | None = None
+        self._channel: RouterChannel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._supervisor = Supervisor(self)
+        self._task: asyncio.Task[None] | None = None
+        self._labels = {
+            "alive": metrics.WORKERS_ALIVE.labels(self.name),
+            "queue": metrics.QUEUE_DEPTH.labels(self.name),
+            "rss": metrics.WORKER_RSS_BYTES.labels(self.name),
+            "circuit": metrics.POOL_CIRCUIT_OPEN.labels(self.name),
+        }
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Spawn the workers and wait until ``workers`` of them said hello.
+
+        Raises ``PoolUnavailable`` (with the worker's traceback) if the service cannot boot.
+        """
+        if self._state is not PoolState.NEW:
+            raise RuntimeError(f"pool {self.name!r} was already started (state {self._state})")
+        self._state = PoolState.STARTING
+        self._loop = asyncio.get_running_loop()
+        self._specs = describe(load_service(self.config.service))
+        self._decoders = {n: msgspec.msgpack.Decoder(s.result_type) for n, s in self._specs.items()}
+        self._endpoint = Endpoint.create(self.name)
+        self._channel = RouterChannel(self._endpoint.address, self._on_frames, self._on_bad_frame)
+        try:
+            self._channel.open()
+            self._supervisor.spawn_missing()
+            await self._supervisor.wait_booted()
+        except BaseException:
+            await self.shutdown()
+            raise
+        self._state = PoolState.RUNNING
+        self._task = asyncio.create_task(self._supervisor.run(), name=f"minions-pool-{self.name}")
+        log.info(
+            "pool %s: started %d workers of %s", self.name, self.config.workers, self.config.service
+        )
+
+    async def shutdown(self) -> None:
+        """Stop accepting calls, let queued and in-flight calls finish within
+        ``shutdown_grace_s``, then stop workers politely, then SIGTERM, then SIGKILL."""
+        if self._state in (PoolState.NEW, PoolState.CLOSING, PoolState.CLOSED):
+            self._state = PoolState.CLOSED if self._state is PoolState.NEW else self._state
+            return
+        self._state = PoolState.CLOSING
+        await self._wait_until(
+            lambda: (not self._queue and not self._in_flight) or not self._supervisor.serving(),
+            self.config.shutdown_grace_s,
+        )
+        self._fail_queue(PoolUnavailable(self.name, "the pool shut down before the call ran"))
+        await self._supervisor.stop_all()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._channel is not None:
+            self._channel.close()
+        if self._endpoint is not None:
+            self._endpoint.remove()
+        self._state = PoolState.CLOSED
+        self._publish_gauges()
+        log.info("pool %s: shut down", self.name)
+
+    # --- calls ----------------------------------------------------------------------------
+
+    async def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``method(*args, **kwargs)`` in a worker and return its result.
+
+        Ends with the value or a :class:`~minions.errors.WorkerCallError` subclass; arguments
+        msgspec cannot encode raise ``TypeError`` before anything is dispatched.
+        """
+        started = time.perf_counter()
+        try:
+            value = await self._submit(method, args, kwargs)
+        except WorkerCallError as exc:
+            metrics.WORKER_CALLS.labels(self.name, method, _outcome(exc)).inc()
+            raise
+        else:
+            metrics.WORKER_CALLS.labels(self.name, method, "ok").inc()
+            return value
+        finally:
+            metrics.WORKER_CALL_SECONDS.labels(self.name, method).observe(
+                time.perf_counter() - started
+            )
+
+    async def _submit(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self._check_accepting()
+        if method not in self._specs:
+            raise RemoteError(
+                kind=m.FailureKind.UNKNOWN_METHOD.value,
+                type_name="LookupError",
+                message=f"unknown method; exposed: {sorted(self._specs)}",
+                method=method,
+            )
+        encoded_args = m.encoder.encode(args)
+        encoded_kwargs = m.encoder.encode(kwargs) if kwargs else m.EMPTY_MAP
+        if self._memory_level is MemoryLevel.CRITICAL:
+            raise Overloaded(self.name, "memory pressure is critical")
+        if len(self._queue) >= self.config.max_queue:
+            raise Overloaded(
+                self.name, f"the dispatch queue is full (max_queue={self.config.max_queue})"
+            )
+        if self._quarantine:
+            self._check_quarantine(method, encoded_args, encoded_kwargs)
+        assert self._loop is not None
+        call = PendingCall(
+            next(self._ids), method, encoded_args, encoded_kwargs, self._loop.create_future()
+        )
+        self._queue.append(call)
+        self.dispatch()
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            if call in self._queue:  # not sent yet: forget it; a sent call's answer is dropped
+                self._queue.remove(call)
+            raise
+
+    def _check_accepting(self) -> None:
+        if self._state is not PoolState.RUNNING:
+            reason = "it is not started" if self._state is PoolState.NEW else "it is shutting down"
+            raise PoolUnavailable(self.name, reason)
+        if self._circuit is Circuit.OPEN:
+            raise PoolUnavailable(
+                self.name,
+                f"workers crashed more than {self.config.restart_intensity} times in "
+                f"{self.config.restart_period_s:g}s (restart intensity); the circuit is open",
+                self._supervisor.retry_after(),
+            )
+
+    def _check_quarantine(self, method: str, args: bytes, kwargs: bytes) -> None:
+        now = time.monotonic()
+        self._quarantine = {fp: t for fp, t in self._quarantine.items() if t > now}
+        until = self._quarantine.get(fingerprint(method, args, kwargs))
+        if until is not None:
+            raise PoisonCall(
+                pool=self.name,
+                worker_id=0,
+                pid=0,
+                method=method,
+                signal=None,
+                exit_code=None,
+                reason="quarantined",
+                hint=f"this method and these arguments crashed workers "
+                f"before; they fail fast for another {until - now:.0f}s without dispatch",
+            )
+
+    # --- dispatch -------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Send queued calls to workers with room; called whenever either side changes."""
+        queue = self._queue
+        if not queue:
+            return
+        depth, limit = self._throttle()
+        while queue and self._in_flight < limit:
+            worker = self._pick_worker(depth)
+            if worker is None:
+                return
+            call = queue.popleft()
+            if not call.future.done():
+                self._send_call(worker, call)
+
+    def _throttle(self) -> tuple[int, int]:
+        """(calls per worker, calls in flight) allowed at the current memory level."""
+        if self._memory_level is MemoryLevel.NORMAL:
+            return self.config.pipeline_depth, 1 << 30
+        if self._memory_level is MemoryLevel.HIGH:
+            return 1, max(1, self.config.workers // 2)
+        return 1, 1
+
+    def _pick_worker(self, depth: int) -> WorkerProcess | None:
+        best: WorkerProcess | None = None
+        for worker in self._workers.values():
+            if worker.dispatchable and len(worker.inflight) < depth:
+                if not worker.inflight:
+                    return worker
+                if best is None or len(worker.inflight) < len(best.inflight):
+                    best = worker
+        return best
+
+    def _send_call(self, worker: WorkerProcess, call: PendingCall) -> None:
+        assert self._channel is not None
+        payload = m.encoder.encode(
+            m.Call(call.call_id, call.method, msgspec.Raw(call.args), msgspec.Raw(call.kwargs))
+        )
+        worker.inflight.append(call)
+        self._in_flight += 1
+        if len(worker.inflight) == 1:
+            self._supervisor.arm_deadline(worker)
+        if not self._channel.send(worker.identity, payload):
+            self._supervisor.lose(worker)
+
+    def requeue_front(self, calls: list[PendingCall]) -> None:
+        """Put calls back at the head of the queue, keeping their order."""
+        self._queue.extendleft(reversed(calls))
+
+    def _fail_queue(self, exc: WorkerCallError) -> None:
+        while self._queue:
+            self._queue.popleft().fail(exc)
+
+    # --- wire -----------------------------------------------------------------------------
+
+    def _on_frames(self, identity: bytes, payload: bytes) -> None:
+        worker = self._workers.get(identity)
+        if worker is None:
+            self._on_bad_frame("unauthenticated")
+            return
+        try:
+            msg = m.parent_decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning(
+                "pool %s: dropped undecodable frame from worker %d: %s",
+                self.name,
+                worker.worker_id,
+                exc,
+            )
+            self._on_bad_frame("decode")
+            return
+        match msg:
+            case m.Result():
+                call = self._take(worker, msg.call_id)
+                if call is not None:
+                    self._resolve(call, msg.value)
+            case m.Failure():
+                call = self._take(worker, msg.call_id)
+                if call is not None:
+                    call.fail(
+                        RemoteError(
+                            kind=msg.kind.value,
+                            type_name=msg.type_name,
+                            message=msg.message,
+                            remote_traceback=msg.traceback,
+                            method=call.method,
+                            worker_id=worker.worker_id,
+                        )
+                    )
+            case m.Hello():
+                self._supervisor.on_hello(worker, msg)
+            case m.Heartbeat():
+                pass
+        if msg.__class__ is not m.Heartbeat:
+            self._supervisor.after_answer(worker)
+            self.dispatch()
+
+    def _take(self, worker: WorkerProcess, call_id: int) -> PendingCall | None:
+        """Pop the call a worker just answered; it must be the oldest it owes."""
+        if not worker.said_hello or not worker.inflight or worker.inflight[0].call_id != call_id:
+            self._on_bad_frame("unexpected")
+            return None
+        call = worker.inflight.popleft()
+        self._in_flight -= 1
+        worker.calls_served += 1
+        self._supervisor.arm_deadline(worker)
+        return call
+
+    def _resolve(self, call: PendingCall, raw: msgspec.Raw) -> None:
+        try:
+            call.resolve(self._decoders[call.method].decode(raw))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            call.fail(
+                RemoteError(
+                    kind="invalid-result",
+                    type_name=type(exc).__name__,
+                    message=f"result does not match the declared type: {exc}",
+                    method=call.method,
+                )
+            )
+        self._backoff.succeeded()
+
+    def _on_bad_frame(self, kind: str) -> None:
+        metrics.PROTOCOL_ERRORS.labels(self.name, kind).inc()
+
+    # --- observation and memory pressure ---------------------------------------------------
+
+    def snapshot(self) -> PoolSnapshot:
+        workers = list(self._workers.values())
+        return PoolSnapshot(
+            name=self.name,
+            state=self._state,
+            circuit=self._circuit,
+            workers_ready=sum(1 for w in workers if w.dispatchable),
+            spares_ready=sum(1 for w in workers if w.phase is Phase.READY and not w.dispatchable),
+            booting=sum(1 for w in workers if w.phase is Phase.BOOTING),
+            in_flight=self._in_flight,
+            queue_depth=len(self._queue),
+            memory_level=self._memory_level,
+            pids=tuple(w.pid for w in workers),
+        )
+
+    def worker_pids(self) -> list[int]:
+        """Pids of every live worker process (for the memory monitor)."""
+        return [w.pid for w in self._workers.values() if w.phase is not Phase.DEAD]
+
+    def apply_memory_level(self, level: MemoryLevel) -> None:
+        """Called by the memory monitor on each level change: throttle, shed, recycle."""
+        previous, self._memory_level = self._memory_level, level
+        if level > previous:
+            self._supervisor.relieve_memory(level)
+        self.dispatch()
+
+    def _publish_gauges(self) -> None:
+        snap = self.snapshot()
+        self._labels["alive"].set(snap.workers_ready + snap.spares_ready)
+        self._labels["queue"].set(snap.queue_depth)
+        self._labels["circuit"].set(1 if self._circuit is Circuit.OPEN else 0)
+        self._labels["rss"].set(sum(w.rss_bytes for w in self._workers.values()))
+
+    async def _wait_until(self, predicate: Any, timeout: float) -> bool:
+        """Wait until ``predicate()`` holds, re-checking whenever pool state changes."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return predicate()
+        return True
+
+    def notify_changed(self) -> None:
+        self._changed.set()

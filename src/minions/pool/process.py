@@ -1,0 +1,146 @@
+"""One worker process as the pool sees it: spawn, watch for death, signal, reap.
+
+Death detection is event-driven: a pidfd (Linux >= 5.3) becomes readable the moment the child
+exits, and the pool puts it on the event loop with ``add_reader``; no polling, no SIGCHLD
+handler, no watcher thread. Workers are fresh interpreters (``python -m minions.ipc.worker``),
+never forks of Gru, so they inherit none of its threads, sockets or locks.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from minions.ipc.worker import TOKEN_ENV
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from minions.pool.calls import PendingCall
+    from minions.pool.verdict import DeathCause
+
+
+class Role(enum.Enum):
+    ACTIVE = "active"  # receives calls
+    SPARE = "spare"  # booted and idle, promoted the moment an active worker goes
+
+
+class Phase(enum.Enum):
+    BOOTING = "booting"  # spawned, no hello yet
+    READY = "ready"  # serving
+    RETIRING = "retiring"  # finishing its calls, then told to shut down
+    KILLED = "killed"  # signalled by the pool, waiting for the pidfd
+    DEAD = "dead"  # reaped
+
+
+def _worker_env(token: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env[TOKEN_ENV] = token
+    # The worker must import what the parent can: its sys.path, '' made explicit.
+    paths = [p or os.getcwd() for p in sys.path]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    """A spawned worker and the calls it owes answers for, in the order it will serve them."""
+
+    worker_id: int
+    identity: bytes
+    popen: subprocess.Popen[bytes]
+    pidfd: int
+    crash_file: Path
+    role: Role
+    phase: Phase = Phase.BOOTING
+    spawned_at: float = field(default_factory=time.monotonic)
+    calls_served: int = 0
+    inflight: collections.deque[PendingCall] = field(default_factory=collections.deque)
+    head_timer: asyncio.TimerHandle | None = None
+    killed_for: DeathCause | None = None
+    said_hello: bool = False
+    rss_bytes: int = 0
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def dispatchable(self) -> bool:
+        return self.phase is Phase.READY and self.role is Role.ACTIVE
+
+    @classmethod
+    def spawn(
+        cls,
+        *,
+        worker_id: int,
+        identity: bytes,
+        role: Role,
+        service: str,
+        endpoint: str,
+        token: str,
+        crash_file: Path,
+        heartbeat_s: float,
+    ) -> WorkerProcess:
+        argv = [
+            sys.executable,
+            "-m",
+            "minions.ipc.worker",
+            "--endpoint",
+            endpoint,
+            "--service",
+            service,
+            "--worker-id",
+            str(worker_id),
+            "--identity",
+            identity.decode(),
+            "--crash-file",
+            str(crash_file),
+            "--parent-pid",
+            str(os.getpid()),
+            "--heartbeat-s",
+            str(heartbeat_s),
+        ]
+        popen = subprocess.Popen(argv, env=_worker_env(token), stdin=subprocess.DEVNULL)
+        try:
+            pidfd = os.pidfd_open(popen.pid)
+        except OSError:
+            popen.kill()
+            popen.wait()
+            raise
+        return cls(worker_id, identity, popen, pidfd, crash_file, role)
+
+    def send_signal(self, signum: int) -> None:
+        """Signal the process unless it is already reaped (pidfd_send_signal is race-free)."""
+        if self.phase is Phase.DEAD:
+            return
+        try:
+            signal.pidfd_send_signal(self.pidfd, signum)
+        except ProcessLookupError:
+            pass
+
+    def reap(self) -> int:
+        """Collect the exit status once the pidfd said it exited; close the pidfd."""
+        returncode = self.popen.wait()
+        os.close(self.pidfd)
+        self.pidfd = -1
+        self.phase = Phase.DEAD
+        return returncode
+
+    def read_stack(self) -> str:
+        """What faulthandler (or a failed boot) wrote; the file is removed afterwards."""
+        try:
+            text = self.crash_file.read_text(errors="replace")
+        except OSError:
+            return ""
+        finally:
+            self.crash_file.unlink(missing_ok=True)
+        return text.strip()

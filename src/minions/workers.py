@@ -1,0 +1,22 @@
+"""Public API of the isolation boundary: pools on the parent side, services on the worker side.
+
+``WorkerPool`` lives in Gru (or any asyncio program); ``WorkerService`` subclasses run only in
+worker processes. Everything else under ``minions.pool`` and ``minions.ipc`` is internal.
+"""
+
+from minions.ipc.service import WorkerService, expose
+from minions.ops.levels import MemoryLevel
+from minions.pool.config import PoolConfig
+from minions.pool.pool import PoolSnapshot, WorkerPool
+from minions.pool.states import Circuit, PoolState
+
+__all__ = [
+    "Circuit",
+    "MemoryLevel",
+    "PoolConfig",
+    "PoolSnapshot",
+    "PoolState",
+    "WorkerPool",
+    "WorkerService",
+    "expose",
+]
