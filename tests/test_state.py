@@ -196,9 +196,12 @@ def test_close_drains_pending_writes(tmp_path):
         store = SQLiteStateStore(path)
         await store.open()
         release, parked = await hold_writer(store)
+        queued = store._writer._queue  # type: ignore[union-attr]
         waiters = [asyncio.ensure_future(store.save(rec(f"w{i}"))) for i in range(50)]
         closing = asyncio.ensure_future(store.close())
-        await asyncio.sleep(0)  # let close() enqueue its stop behind the saves
+        while queued.qsize() < 51:  # wait until the stop sits behind all 50 saves
+            await asyncio.sleep(0)
+        assert not any(w.done() for w in waiters)
         release.set()
         await closing
         await parked
@@ -210,6 +213,31 @@ def test_close_drains_pending_writes(tmp_path):
     run(main())
     assert not Path(f"{path}-wal").exists()  # the last connection checkpointed on close
     assert len(read_workflows(path)) == 50
+
+
+def test_cancelled_close_still_drains_and_releases_the_lock(tmp_path):
+    path = tmp_path / "minions.db"
+
+    async def main():
+        store = SQLiteStateStore(path)
+        await store.open()
+        release, parked = await hold_writer(store)
+        queued = store._writer._queue  # type: ignore[union-attr]
+        waiters = [asyncio.ensure_future(store.save(rec(f"w{i}"))) for i in range(20)]
+        first = asyncio.ensure_future(store.close())
+        while queued.qsize() < 21:
+            await asyncio.sleep(0)
+        first.cancel()
+        second = asyncio.ensure_future(store.close())  # a concurrent close waits for the drain
+        release.set()
+        await second
+        await parked
+        assert first.cancelled()
+        assert [w.result() for w in waiters] == [None] * 20
+        async with SQLiteStateStore(path) as again:  # lock released
+            return len(await again.list_all())
+
+    assert run(main()) == 20
 
 
 def test_using_a_store_that_is_not_open_is_a_clear_error(tmp_path):

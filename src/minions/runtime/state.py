@@ -148,6 +148,7 @@ class SQLiteStateStore:
         self._db: _sql.OpenDatabase | None = None
         self._writer: _sql.GroupCommitWriter | None = None
         self._read_lock = threading.Lock()  # the read connection is shared by to_thread workers
+        self._opening = asyncio.Lock()  # binds to a loop only if two open() calls overlap
         self._closing: asyncio.Future[None] | None = None
         self._last_commits = 0
 
@@ -157,14 +158,15 @@ class SQLiteStateStore:
         return self._writer.commits if self._writer else self._last_commits
 
     async def open(self) -> None:
-        if self._writer is not None:
-            return
-        if self._closing is not None:
-            raise StateStoreError(f"state store {self.path} was closed; create a new store")
-        db = await asyncio.to_thread(_sql.open_database, self.path)
-        self._db = db
-        self._writer = _sql.GroupCommitWriter(db.writer, self.path, self._max_batch)
-        self._writer.start()
+        async with self._opening:
+            if self._closing is not None:
+                raise StateStoreError(f"state store {self.path} was closed; create a new store")
+            if self._writer is not None:
+                return
+            db = await asyncio.to_thread(_sql.open_database, self.path)
+            self._db = db
+            self._writer = _sql.GroupCommitWriter(db.writer, self.path, self._max_batch)
+            self._writer.start()
 
     async def save(self, record: WorkflowRecord) -> None:
         _check_record(record)
@@ -199,12 +201,8 @@ class SQLiteStateStore:
 
     async def close(self) -> None:
         if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_future()
-            try:
-                await self._shut_down()
-            finally:
-                self._closing.set_result(None)
-        elif not self._closing.done():  # a concurrent close(): wait for the first one
+            self._closing = asyncio.ensure_future(self._shut_down())
+        if not self._closing.done():  # shielded: a cancelled close() does not abandon the drain
             await asyncio.shield(self._closing)
 
     async def _shut_down(self) -> None:
