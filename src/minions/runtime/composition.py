@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import msgspec.inspect
 
 from minions.runtime.minion import Minion, step_names
 from minions.runtime.pipeline import Pipeline
@@ -85,13 +86,32 @@ def check_record_type(tp: Any, role: str, owner: type) -> type:
             "msgspec.Struct so it can be checkpointed"
         )
     try:
-        msgspec.msgpack.Decoder(tp)
+        custom = _custom_types(msgspec.inspect.type_info(tp), set())
     except (TypeError, NameError) as exc:
+        custom = [str(exc)]
+    if custom:
         raise CompositionError(
             f"{role} type {tp.__name__} of {owner.__name__} has a field msgspec cannot "
-            f"encode: {exc}"
-        ) from exc
+            f"encode: {', '.join(custom)}"
+        )
     return tp
+
+
+def _custom_types(info: object, seen: set[int]) -> list[str]:
+    """Names of the types inside ``info`` msgspec would need custom hooks for."""
+    if id(info) in seen:
+        return []
+    seen.add(id(info))
+    if isinstance(info, msgspec.inspect.CustomType):
+        return [getattr(info.cls, "__name__", repr(info.cls))]
+    found: list[str] = []
+    for attr in ("type", "item_type", "key_type", "value_type"):
+        if (child := getattr(info, attr, None)) is not None:
+            found += _custom_types(child, seen)
+    for attr in ("types", "item_types", "fields"):
+        for child in getattr(info, attr, ()) or ():
+            found += _custom_types(child, seen)
+    return found
 
 
 def check_context_factory(ctx: type, owner: type) -> None:

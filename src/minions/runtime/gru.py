@@ -64,9 +64,11 @@ class _PipelineSlot:
 class Gru:
     """The runtime. Create with ``await Gru.create(...)``; one live instance per process."""
 
-    def __init__(self, config: GruConfig, store: Any, **private: object) -> None:
-        if private.get("_token") is not _CREATE_TOKEN:
+    def __init__(self, *args: Any, _token: object = None, **kwargs: Any) -> None:
+        if _token is not _CREATE_TOKEN:
             raise GruError("do not call Gru() directly; use `gru = await Gru.create(...)`")
+        config: GruConfig = args[0]
+        store: StateStore | None = args[1]
         self.config = config
         self.state = GruState.RUNNING
         self._store = store

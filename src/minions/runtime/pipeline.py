@@ -138,7 +138,9 @@ class PipelineRunner:
                 continue
             delay = 0.0
             self._events.inc()
-            self._fan_out(event, encoded, subscribers)
+            # Orchestrations that stopped while produce_event() was pending do not get the event.
+            current = [s for s in subscribers if s in self._subscribers]
+            self._fan_out(event, encoded if current == subscribers else None, current)
 
     async def _wait_ready(self) -> list[Subscriber]:
         """Wait until unpaused, subscribed, and every subscriber has room."""
@@ -162,6 +164,8 @@ class PipelineRunner:
 
     def _fan_out(self, event: Any, encoded: bytes | None, subs: list[Subscriber]) -> None:
         fanned = len(subs) > 1
+        if encoded is None and fanned:
+            encoded = self._encoder.encode(event)
         for index, sub in enumerate(subs):
             # Each extra subscriber gets its own decoded copy so workflows cannot see each
             # other's mutations of the event.
