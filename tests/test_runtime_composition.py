@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import msgspec
 import pytest
+
 from apps.harness import CycleA, Ev, QPipeline, running_gru, use_harness
 from conftest import run
-
 from minions import Minion, Pipeline, minion_step
 from minions.runtime.composition import CompositionError, compose, orchestration_id
 from minions.runtime.resources import ResourceGraph
@@ -170,7 +170,7 @@ def test_minion_step_rejects_sync_and_parameterised_methods():
     with pytest.raises(TypeError, match="async def"):
         minion_step(lambda self: None)  # type: ignore[arg-type]
 
-    async def takes_args(self, x):  # noqa: ANN001, ANN202
+    async def takes_args(self, x):
         return None
 
     with pytest.raises(TypeError, match="only `self`"):

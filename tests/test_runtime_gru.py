@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import pytest
+
 from apps.harness import (
     Api,
     Cache,
@@ -23,7 +24,6 @@ from apps.harness import (
     use_harness,
 )
 from conftest import run
-
 from minions import Gru, GruState, OrchestrationState
 from minions.errors import GruError
 from minions.ops.levels import MemoryLevel
@@ -103,7 +103,9 @@ def test_orchestration_id_is_stable_and_strings_work():
         use_harness()
         async with running_gru() as gru:
             by_class = await gru.start_orchestration(QPipeline, PlainMinion)
-            again = await gru.start_orchestration("apps.harness:QPipeline", "apps.harness:PlainMinion")
+            again = await gru.start_orchestration(
+                "apps.harness:QPipeline", "apps.harness:PlainMinion"
+            )
             configured = await gru.start_orchestration(
                 QPipeline, PlainMinion, minion_config={"mode": "b"}
             )
@@ -170,9 +172,7 @@ def test_stop_leaves_unrelated_orchestrations_running():
             b = await gru.start_orchestration(OtherPipeline, PlainMinion)
             stopped = await gru.stop_orchestration(a.orchestration_id)
             assert stopped.success and stopped.orchestration_id == a.orchestration_id
-            assert [o.orchestration_id for o in gru.status().orchestrations] == [
-                b.orchestration_id
-            ]
+            assert [o.orchestration_id for o in gru.status().orchestrations] == [b.orchestration_id]
             harness.other_events.put_nowait(Ev(5))
             assert await harness.take(harness.finished, 1) == [("PlainMinion", 5, ["only"])]
             missing = await gru.stop_orchestration(a.orchestration_id)
