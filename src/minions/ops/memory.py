@@ -241,8 +241,7 @@ class ProcessProbe:
 
 
 def export_sample(sample: MemorySample) -> None:
-    """Set the Gru/host/cgroup gauges from a sample (worker RSS is exported per pool by the
-    monitor, which knows which pools it watches)."""
+    """Set the Gru/host/cgroup gauges from a sample (worker RSS is each pool's own gauge)."""
     metrics.GRU_RSS_BYTES.set(sample.gru_rss)
     metrics.GRU_CPU_SECONDS.set(sample.gru_cpu_seconds)
     metrics.HOST_MEMORY_USED_BYTES.set(sample.host_used)
@@ -310,19 +309,23 @@ class MemoryMonitor:
         that raises is logged and the others still run.
         """
         self._subscribers.append(callback)
-        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
 
     def watch_workers(self, pool: str, pids: Callable[[], Iterable[int]]) -> Callable[[], None]:
         """Include the RSS of ``pids()`` (asked each sample) under ``pool``; returns the unwatch
-        function. The monitor owns ``minions_worker_rss_bytes{pool}`` for watched pools."""
+        function. ``minions_worker_rss_bytes`` stays the pool's to export: it measures its
+        workers anyway for ``max_rss_mb``."""
         if pool in self._sources:
             raise ValueError(f"pool {pool!r} is already watched by this memory monitor")
         self._sources[pool] = pids
 
         def unwatch() -> None:
-            if self._sources.pop(pool, None) is not None:
-                with contextlib.suppress(KeyError):
-                    metrics.WORKER_RSS_BYTES.remove(pool)
+            self._sources.pop(pool, None)
 
         return unwatch
 
@@ -366,8 +369,6 @@ class MemoryMonitor:
         sample = self.sample()
         self.last_sample = sample
         export_sample(sample)
-        for pool, pids in sample.workers.items():
-            metrics.WORKER_RSS_BYTES.labels(pool).set(sum(pids.values()))
         previous = self.level
         new = self._tracker.update(self.thresholds.budgets(sample))
         if new is not None:
