@@ -9,15 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from minions.pool.config import PoolConfig
+from minions.runtime.config import GruConfig
+
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SERVICE = DEPLOY / "minions.service"
 TEMPLATE = DEPLOY / "minions@.service"
 ENV_EXAMPLE = DEPLOY / "minions.env.example"
 
-# Gru's default shutdown grace for in-flight steps (issue 3); pools need time after it to stop
-# their workers politely, so the unit must allow clearly more than this before SIGKILL.
-GRU_DEFAULT_GRACE_S = 10.0
-WORKER_SHUTDOWN_MARGIN_S = 10.0
+# Shutdown budget: Gru's grace for in-flight steps, then each pool's polite stop of its workers
+# (shutdown grace, then SIGTERM, then SIGKILL). The unit must allow more before its SIGKILL.
+GRU_DEFAULT_GRACE_S = GruConfig().grace_period_s
+WORKER_SHUTDOWN_MARGIN_S = PoolConfig(service="x:Y").shutdown_grace_s + 5.0
 
 # Directives that differ between the single unit and the template, on purpose.
 PER_INSTANCE = {
