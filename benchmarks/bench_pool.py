@@ -1,0 +1,293 @@
+"""Worker-pool overhead from asyncio: Minions vs the raw ZeroMQ floor and the usual executors.
+
+Run: ``.venv/bin/python benchmarks/bench_pool.py [--quick] [--only floor,ppe,loky,pebble,minions]``
+
+All contenders run in ONE process and are measured in interleaved rounds (the order rotates every
+round), so machine noise lands on all of them alike. Each does the same work per call: one
+``native_demo._native.ping`` in a child process. See README.md for what each column means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import contenders as cs
+
+IN_FLIGHT = 64
+STEP_TIMEOUT_S = 60.0  # a hung contender fails the run instead of hanging it
+TARGETS = "latency <= 1.5x floor; throughput >= 0.5x floor and >= 3x ProcessPoolExecutor"
+
+
+@dataclass(frozen=True)
+class Plan:
+    rounds: int
+    latency_calls: int  # sequential calls per round
+    calls_per_lane: int  # x IN_FLIGHT concurrent lanes per round
+    crash_reps: int
+    settle_s: float  # pause after a crash subject starts, so spare workers can boot
+
+
+FULL = Plan(rounds=10, latency_calls=400, calls_per_lane=30, crash_reps=5, settle_s=0.5)
+QUICK = Plan(rounds=3, latency_calls=150, calls_per_lane=12, crash_reps=2, settle_s=0.3)
+
+
+@dataclass
+class Samples:
+    latency_us: list[float] = field(default_factory=list)
+    throughput: list[float] = field(default_factory=list)
+
+
+_T0 = time.perf_counter()
+
+
+def progress(text: str) -> None:
+    """Progress goes to stderr so stdout holds only the report."""
+    print(f"[{time.perf_counter() - _T0:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+
+# --- measurements -------------------------------------------------------------------------------
+
+
+async def measure_latency(c: cs.Contender, n: int) -> list[float]:
+    """One call outstanding at a time; per-call round trip in microseconds."""
+    out = []
+    clock = time.perf_counter_ns
+    for i in range(n):
+        t0 = clock()
+        got = await c.ping(i)
+        out.append((clock() - t0) / 1000)
+        if got != i:
+            raise AssertionError(f"{c.name}: ping({i}) returned {got!r}")
+    return out
+
+
+async def measure_throughput(c: cs.Contender, per_lane: int) -> float:
+    """``IN_FLIGHT`` lanes each issue ``per_lane`` calls back to back: calls per second."""
+
+    async def lane(base: int) -> None:
+        for i in range(base, base + per_lane):
+            if await c.ping(i) != i:
+                raise AssertionError(f"{c.name}: wrong ping result")
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(lane(k * per_lane) for k in range(IN_FLIGHT)))
+    return IN_FLIGHT * per_lane / (time.perf_counter() - t0)
+
+
+async def run_rounds(contenders: list[cs.Contender], plan: Plan) -> dict[str, Samples]:
+    samples = {c.name: Samples() for c in contenders}
+    for r in range(plan.rounds):
+        order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
+        for c in order:
+            lat = await asyncio.wait_for(measure_latency(c, plan.latency_calls), STEP_TIMEOUT_S)
+            samples[c.name].latency_us.extend(lat)
+        for c in order:
+            tp = await asyncio.wait_for(measure_throughput(c, plan.calls_per_lane), STEP_TIMEOUT_S)
+            samples[c.name].throughput.append(tp)
+        progress(f"round {r + 1}/{plan.rounds} done")
+    return samples
+
+
+@dataclass
+class CrashSamples:
+    label: str
+    detect_ms: list[float] = field(default_factory=list)
+    recover_ms: list[float] = field(default_factory=list)
+    error: str = ""
+    failure: str = ""
+
+
+async def crash_once(factory: Callable[[], cs.CrashSubject], plan: Plan, out: CrashSamples) -> None:
+    """Fresh one-worker pool; SIGSEGV its worker; time until a ping succeeds again."""
+    subject = factory()
+    await subject.start()
+    try:
+        await asyncio.sleep(plan.settle_s)
+        t0 = time.perf_counter()
+        exc = await asyncio.wait_for(subject.crash(), STEP_TIMEOUT_S)
+        t1 = time.perf_counter()
+        out.error = type(exc).__name__
+        await subject.recover()
+        while True:
+            try:
+                if await asyncio.wait_for(subject.ping(7), STEP_TIMEOUT_S) == 7:
+                    break
+            except Exception:
+                if time.perf_counter() - t1 > STEP_TIMEOUT_S:
+                    raise
+                await asyncio.sleep(0.001)  # e.g. the pool refuses calls while it respawns
+        t2 = time.perf_counter()
+    finally:
+        await subject.close()
+    out.detect_ms.append((t1 - t0) * 1000)
+    out.recover_ms.append((t2 - t1) * 1000)
+
+
+async def run_crashes(names: list[str], plan: Plan) -> list[CrashSamples]:
+    """Every subject once per repetition, order rotating, like the latency rounds."""
+    subjects = [
+        (CrashSamples(label), f) for n in names for label, f in cs.CRASH_SUBJECTS.get(n, [])
+    ]
+    for rep in range(plan.crash_reps):
+        shift = rep % max(1, len(subjects))
+        for samples, factory in subjects[shift:] + subjects[:shift]:
+            if samples.failure:
+                continue
+            try:
+                await crash_once(factory, plan, samples)
+            except Exception as exc:
+                samples.failure = f"{type(exc).__name__}: {exc}".splitlines()[0][:100]
+        progress(f"crash repetition {rep + 1}/{plan.crash_reps} done")
+    return [s for s, _ in subjects]
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    return "-" if value is None or not base else f"{value / base:.2f}x"
+
+
+def verdict(ok: bool) -> str:
+    return "meets" if ok else "MISSES"
+
+
+def print_table(samples: dict[str, Samples], plan: Plan) -> None:
+    lat = {n: statistics.median(s.latency_us) for n, s in samples.items()}
+    p90 = {n: statistics.quantiles(s.latency_us, n=10)[-1] for n, s in samples.items()}
+    tput = {n: statistics.median(s.throughput) for n, s in samples.items()}
+    floor, ppe = cs.Floor.name, cs.StdlibPool.name
+    print(
+        f"\nping round trip from asyncio; {plan.rounds} interleaved rounds; latency = median of "
+        f"{plan.rounds * plan.latency_calls} calls, throughput = median of {plan.rounds} rounds "
+        f"of {IN_FLIGHT * plan.calls_per_lane} calls with {IN_FLIGHT} in flight\n"
+    )
+    head = (
+        f"{'contender':<22}{'lat p50 us':>11}{'p90 us':>9}{'/floor':>8}{'/PPE':>8}"
+        f"{'calls/s':>10}{'/floor':>8}{'/PPE':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for n in samples:
+        print(
+            f"{n:<22}{lat[n]:>11.1f}{p90[n]:>9.1f}{ratio(lat[n], lat.get(floor)):>8}"
+            f"{ratio(lat[n], lat.get(ppe)):>8}{tput[n]:>10,.0f}"
+            f"{ratio(tput[n], tput.get(floor)):>8}{ratio(tput[n], tput.get(ppe)):>8}"
+        )
+    for n in samples:
+        if not n.startswith("minions"):
+            continue
+        print(f"\ntargets for {n} ({TARGETS}):")
+        if floor in lat:
+            r = lat[n] / lat[floor]
+            print(f"  latency    {r:5.2f}x floor  (target <= 1.50x)  {verdict(r <= 1.5)}")
+            r = tput[n] / tput[floor]
+            print(f"  throughput {r:5.2f}x floor  (target >= 0.50x)  {verdict(r >= 0.5)}")
+        if ppe in tput:
+            r = tput[n] / tput[ppe]
+            print(f"  throughput {r:5.2f}x PPE    (target >= 3.00x)  {verdict(r >= 3)}")
+
+
+def print_crash_table(results: list[CrashSamples], plan: Plan) -> None:
+    print(
+        f"\ncrash recovery, one-worker pools, median of {plan.crash_reps} repetitions "
+        "(fresh pool each time)\n"
+    )
+    head = f"{'subject':<26}{'error seen':<22}{'crash->error ms':>16}{'error->ping ok ms':>19}"
+    print(head)
+    print("-" * len(head))
+    for s in results:
+        if s.failure and not s.recover_ms:
+            print(f"{s.label:<26}FAILED: {s.failure}")
+            continue
+        detect = statistics.median(s.detect_ms)
+        recover = statistics.median(s.recover_ms)
+        print(f"{s.label:<26}{s.error:<22}{detect:>16.1f}{recover:>19.1f}")
+        if s.failure:
+            print(f"{'':<26}(a later repetition failed: {s.failure})")
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+async def start_all(names: list[str]) -> list[cs.Contender]:
+    """Start contenders in the given order; one that fails to start is reported and skipped.
+
+    The fork-based executors are started first, before any ZeroMQ or loky thread exists.
+    """
+    started: dict[str, cs.Contender] = {}
+    for name in sorted(names, key=["ppe", "pebble", "loky", "floor", "minions"].index):
+        try:
+            c = cs.LATENCY_CONTENDERS[name]()
+            await asyncio.wait_for(c.start(), STEP_TIMEOUT_S)
+        except Exception as exc:
+            print(f"skipped {name}: failed to start ({type(exc).__name__}: {exc})")
+            continue
+        started[name] = c
+        progress(f"started {c.name}")
+    return [started[n] for n in cs.LATENCY_CONTENDERS if n in started]  # table order
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds: under 30 s")
+    parser.add_argument(
+        "--only",
+        default=",".join(cs.LATENCY_CONTENDERS),
+        help=f"comma-separated subset of: {', '.join(cs.LATENCY_CONTENDERS)} (default: all)",
+    )
+    parser.add_argument("--rounds", type=int, help="override the number of interleaved rounds")
+    parser.add_argument("--no-crash", action="store_true", help="skip the crash-recovery table")
+    args = parser.parse_args(argv)
+    args.only = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = set(args.only) - set(cs.LATENCY_CONTENDERS)
+    if unknown:
+        parser.error(
+            f"unknown contender(s) {sorted(unknown)}; pick from {list(cs.LATENCY_CONTENDERS)}"
+        )
+    return args
+
+
+async def amain(args: argparse.Namespace) -> None:
+    plan = QUICK if args.quick else FULL
+    if args.rounds:
+        plan = dataclasses.replace(plan, rounds=args.rounds)
+    names = list(args.only)
+    if "minions" in names and (why := cs.minions_unavailable()):
+        print(f"skipped minions: {why}")
+        names.remove("minions")
+    print(
+        f"python {platform.python_version()}, {os.cpu_count()} CPUs, "
+        f"{'quick' if args.quick else 'full'} run, contenders: {', '.join(names)}"
+    )
+    t0 = time.perf_counter()
+    contenders = await start_all(names)
+    try:
+        samples = await run_rounds(contenders, plan) if contenders else {}
+    finally:
+        for c in reversed(contenders):
+            await c.close()
+    if samples:
+        print_table(samples, plan)
+    if not args.no_crash:
+        crash_names = [n for n in names if n in cs.CRASH_SUBJECTS]
+        if crash_names:
+            print_crash_table(await run_crashes(crash_names, plan), plan)
+    print(f"\ntotal wall time {time.perf_counter() - t0:.1f}s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(amain(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
