@@ -25,6 +25,7 @@ import msgspec
 import zmq
 
 from minions.ipc import messages as m
+from minions.ipc.marker import CallMarker, marker_path
 from minions.ipc.service import MethodSpec, describe, load_service
 from minions.pool.verdict import BOOT_FAILED_EXIT, ORPHANED_EXIT
 
@@ -127,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     faulthandler.register(signal.SIGUSR1, file=crash, all_threads=True, chain=False)
     token = os.environ.pop(TOKEN_ENV, "")
     service, handlers = _boot(args.service, crash)
+    marker = CallMarker(marker_path(args.crash_file))
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -138,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     )
     sock.send(m.encoder.encode(hello))
     try:
-        _serve(sock, handlers, args)
+        _serve(sock, handlers, marker, args)
         service.teardown()
     finally:
         sock.close(linger=2000)
@@ -147,7 +149,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(
-    sock: zmq.Socket[bytes], handlers: dict[str, _Handler], args: argparse.Namespace
+    sock: zmq.Socket[bytes],
+    handlers: dict[str, _Handler],
+    marker: CallMarker,
+    args: argparse.Namespace,
 ) -> None:
     heartbeat_ms = int(args.heartbeat_s * 1000)
     heartbeat = m.encoder.encode(m.Heartbeat())
@@ -165,7 +170,10 @@ def _serve(
             continue
         match msg:
             case m.Call():
-                sock.send(serve_call(handlers, msg))
+                marker.running(msg.call_id)
+                reply = serve_call(handlers, msg)
+                marker.finished(msg.call_id)
+                sock.send(reply)
             case m.Shutdown():
                 return
             case m.Heartbeat():

@@ -143,7 +143,13 @@ class WorkerPool(Resource):
             raise RuntimeError(f"pool {self.name!r} was already started (state {self._state})")
         self._state = PoolState.STARTING
         self._loop = asyncio.get_running_loop()
-        self._specs = describe(load_service(self.config.service))
+        try:
+            self._specs = describe(load_service(self.config.service))
+        except (ImportError, AttributeError, TypeError, ValueError) as exc:
+            self._state = PoolState.CLOSED
+            raise PoolUnavailable(
+                self.name, f"cannot load service {self.config.service!r}: {exc!r}"
+            ) from exc
         self._decoders = {n: msgspec.msgpack.Decoder(s.result_type) for n, s in self._specs.items()}
         self._endpoint = Endpoint.create(self.name)
         self._channel = RouterChannel(self._endpoint.address, self._on_frames, self._on_bad_frame)
@@ -171,8 +177,10 @@ class WorkerPool(Resource):
             lambda: (not self._queue and not self._in_flight) or not self._supervisor.serving(),
             self.config.shutdown_grace_s,
         )
-        self._fail_queue(PoolUnavailable(self.name, "the pool shut down before the call ran"))
+        gone = PoolUnavailable(self.name, "the pool shut down before the call ran")
+        self._fail_queue(gone)
         await self._supervisor.stop_all()
+        self._fail_queue(gone)  # calls a stopped worker owed but never started
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -183,6 +191,16 @@ class WorkerPool(Resource):
         self._state = PoolState.CLOSED
         self._publish_gauges()
         log.info("pool %s: shut down", self.name)
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until every worker and spare has booted; ``False`` if ``timeout`` ran out."""
+        cfg = self.config
+
+        def full() -> bool:
+            snap = self.snapshot()
+            return snap.workers_ready >= cfg.workers and snap.spares_ready >= cfg.spare_workers
+
+        return await self._wait_until(full, cfg.boot_timeout_s if timeout is None else timeout)
 
     # --- calls ----------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from minions.ipc.marker import marker_path, read_running_call
 from minions.ipc.worker import TOKEN_ENV
 
 if TYPE_CHECKING:
@@ -134,6 +135,14 @@ class WorkerProcess:
         self.pidfd = -1
         self.phase = Phase.DEAD
         return returncode
+
+    def read_running_call(self) -> int | None:
+        """Id of the call the worker had started and not finished when it died (marker.py)."""
+        path = marker_path(self.crash_file)
+        try:
+            return read_running_call(path)
+        finally:
+            path.unlink(missing_ok=True)
 
     def read_stack(self) -> str:
         """What faulthandler (or a failed boot) wrote; the file is removed afterwards."""

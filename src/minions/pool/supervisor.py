@@ -270,6 +270,7 @@ class Supervisor:
         if timer is not None:
             timer.cancel()
         returncode = worker.reap()
+        running = worker.read_running_call()
         verdict = classify(
             returncode,
             killed_for=worker.killed_for,
@@ -277,8 +278,8 @@ class Supervisor:
             stack=worker.read_stack(),
         )
         del pool._workers[worker.identity]
-        self._report(worker, verdict)
-        self._settle_calls(worker, verdict)
+        self._report(worker, verdict, running)
+        self._settle_calls(worker, verdict, running)
         if not verdict.cause.planned:
             self._count_restart(verdict)
         self._promote_spare(worker)
@@ -287,9 +288,10 @@ class Supervisor:
         pool.dispatch()
         pool.notify_changed()
 
-    def _report(self, worker: WorkerProcess, verdict: Verdict) -> None:
+    def _report(self, worker: WorkerProcess, verdict: Verdict, running: int | None) -> None:
         pool = self.pool
-        method = worker.inflight[0].method + "()" if worker.inflight else "no call"
+        culprit = next((c for c in worker.inflight if c.call_id == running), None)
+        method = culprit.method + "()" if culprit else "no call"
         if verdict.cause.planned:
             log.info(
                 "pool %s: worker %d (pid %d) stopped (%s)",
@@ -311,32 +313,34 @@ class Supervisor:
         if verdict.cause is DeathCause.BOOT_FAILED:
             self._boot_error = verdict.stack or verdict.describe()
 
-    def _settle_calls(self, worker: WorkerProcess, verdict: Verdict) -> None:
-        """The first call a dead worker owed was running; the rest never started."""
+    def _settle_calls(self, worker: WorkerProcess, verdict: Verdict, running: int | None) -> None:
+        """Blame only the call the worker was running (per its marker); re-queue the others.
+
+        Calls before it finished but their replies died with the process; calls after it never
+        started. Both run again on another worker (at-least-once for them, documented).
+        """
         calls = list(worker.inflight)
         worker.inflight.clear()
         self.pool._in_flight -= len(calls)
-        if not calls:
+        culprit = next((c for c in calls if c.call_id == running), None)
+        if culprit is None and verdict.cause is DeathCause.TIMEOUT and calls:
+            culprit = calls[0]
+        self.pool.requeue_front([c for c in calls if c is not culprit])
+        if culprit is None:
             return
-        head, rest = calls[0], calls[1:]
-        self.pool.requeue_front(rest)
         if verdict.cause is DeathCause.STOPPED:
-            head.fail(PoolUnavailable(self.pool.name, "the pool shut down while the call ran"))
+            culprit.fail(PoolUnavailable(self.pool.name, "the pool shut down while the call ran"))
         elif verdict.cause is DeathCause.RECYCLED:
-            self.pool.requeue_front([head])
+            self.pool.requeue_front([culprit])
         elif verdict.cause is DeathCause.TIMEOUT:
-            head.fail(
+            culprit.fail(
                 CallTimeout(
-                    pool=self.pool.name,
-                    worker_id=worker.worker_id,
-                    pid=worker.pid,
-                    method=head.method,
-                    timeout_s=self.cfg.call_timeout_s,
-                    stack=verdict.stack,
+                    pool=self.pool.name, worker_id=worker.worker_id, pid=worker.pid,
+                    method=culprit.method, timeout_s=self.cfg.call_timeout_s, stack=verdict.stack,
                 )
-            )
+            )  # fmt: skip
         else:
-            self._crashed(head, worker, verdict)
+            self._crashed(culprit, worker, verdict)
 
     def _crashed(self, call: PendingCall, worker: WorkerProcess, verdict: Verdict) -> None:
         call.crashes += 1

@@ -1,0 +1,226 @@
+"""Pool lifecycle: configuration, boot, recycling, circuit breaking, shedding and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+from conftest import run
+from pools import SERVICE, BadServicePool, DemoPool
+
+from minions.errors import Overloaded, PoolUnavailable, WorkerCrashed
+from minions.ops import metrics
+from minions.workers import Circuit, MemoryLevel, PoolConfig, WorkerPool
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("workers", 0),
+        ("workers", 1.5),
+        ("call_timeout_s", 0),
+        ("call_timeout_s", float("nan")),
+        ("max_queue", 0),
+        ("retries_on_crash", -1),
+        ("restart_backoff_max_s", 0.0001),
+        ("spare_workers", True),
+    ],
+)
+def test_bad_settings_raise_value_error_naming_the_setting(setting: str, value: object) -> None:
+    with pytest.raises(ValueError, match=setting):
+        PoolConfig(service=SERVICE, **{setting: value})  # type: ignore[arg-type]
+
+
+def test_settings_come_from_class_attributes() -> None:
+    class Tuned(WorkerPool):
+        service = SERVICE
+        workers = 3
+        max_rss_mb = 256
+
+    cfg = Tuned().config
+    assert (cfg.workers, cfg.max_rss_mb, cfg.name) == (3, 256, "Tuned")
+    with pytest.raises(ValueError, match="service"):
+        type("NoService", (WorkerPool,), {})()
+
+
+def test_service_that_cannot_boot_fails_startup_with_its_traceback() -> None:
+    async def scenario() -> None:
+        pool = BadServicePool()
+        with pytest.raises(PoolUnavailable, match="NoSuchService"):
+            await pool.startup()
+        assert pool.worker_pids() == []
+
+    run(scenario())
+
+
+def test_worker_whose_setup_raises_fails_startup_with_the_remote_traceback() -> None:
+    class Broken(WorkerPool):
+        service = "services:BrokenSetup"
+        workers = 1
+
+    async def scenario() -> None:
+        with pytest.raises(PoolUnavailable) as info:
+            await Broken().startup()
+        assert "RuntimeError: cannot open the device" in str(info.value)
+
+    run(scenario())
+
+
+def test_shutdown_removes_socket_dir_and_reaps_every_worker() -> None:
+    async def scenario() -> None:
+        pool = DemoPool()
+        await pool.startup()
+        directory = pool._endpoint.directory  # type: ignore[union-attr]
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        pids = pool.worker_pids()
+        assert len(pids) == 2
+        await pool.shutdown()
+        assert not directory.exists()
+        assert not any(psutil.pid_exists(p) for p in pids)
+        with pytest.raises(PoolUnavailable, match="shutting down|not started"):
+            await pool.call("ping", 1)
+
+    run(scenario())
+
+
+def test_shutdown_lets_in_flight_calls_finish() -> None:
+    async def scenario() -> None:
+        pool = DemoPool()
+        await pool.startup()
+        calls = [asyncio.create_task(pool.call("count_primes", 200_000)) for _ in range(4)]
+        await asyncio.sleep(0)
+        await pool.shutdown()
+        assert await asyncio.gather(*calls) == [17984] * 4
+
+    run(scenario())
+
+
+def test_workers_are_recycled_after_max_calls_without_the_caller_noticing() -> None:
+    class Recycled(DemoPool):
+        workers = 1
+        max_calls_per_worker = 5
+
+    async def scenario() -> None:
+        recycles = metrics.WORKER_RECYCLES.labels("Recycled", "max_calls")
+        before = recycles._value.get()
+        async with Recycled() as pool:
+            pids = {await pool.call("pid") for _ in range(12)}
+            assert len(pids) == 3  # 5 + 5 + 2 calls
+            assert recycles._value.get() - before >= 2
+
+    run(scenario())
+
+
+def test_workers_above_max_rss_are_recycled_between_calls() -> None:
+    class Lean(DemoPool):
+        workers = 1
+        max_rss_mb = 80
+        rss_check_s = 0.05
+
+    async def scenario() -> None:
+        async with Lean() as pool:
+            first = await pool.call("pid")
+            assert await pool.call("leak", 100) == 100  # the caller sees a normal result
+            assert await pool._wait_until(lambda: first not in pool.worker_pids(), 10)
+            assert await pool.call("pid") != first
+            assert await pool.call("leak", 0) == 0  # fresh process: nothing leaked yet
+
+    run(scenario(), timeout=30)
+
+
+def test_crash_loop_opens_the_circuit_then_recovers() -> None:
+    class Fragile(DemoPool):
+        workers = 1
+        restart_intensity = 2
+        restart_period_s = 30.0
+        circuit_reset_s = 0.5
+
+    async def scenario() -> None:
+        async with Fragile() as pool:
+            for _ in range(3):
+                with pytest.raises(WorkerCrashed):
+                    await pool.call("segfault")
+            assert pool.snapshot().circuit is Circuit.OPEN
+            with pytest.raises(PoolUnavailable) as info:
+                await pool.call("ping", 1)
+            assert info.value.retry_after_s is not None
+            assert metrics.POOL_CIRCUIT_OPEN.labels("Fragile")._value.get() == 1
+            ok = await pool._wait_until(lambda: pool.snapshot().circuit is Circuit.CLOSED, 10)
+            assert ok, pool.snapshot()
+            assert await pool.call("ping", 2) == 2
+
+    run(scenario())
+
+
+def test_full_queue_sheds_with_overloaded_and_loses_nothing_accepted() -> None:
+    class Tiny(DemoPool):
+        workers = 1
+        max_queue = 3
+        pipeline_depth = 1
+
+    async def scenario() -> None:
+        async with Tiny() as pool:
+            accepted = [asyncio.create_task(pool.call("ping", i)) for i in range(4)]
+            await asyncio.sleep(0)  # one sent, three queued
+            with pytest.raises(Overloaded, match="max_queue"):
+                await pool.call("ping", 99)
+            assert await asyncio.gather(*accepted) == [0, 1, 2, 3]
+
+    run(scenario())
+
+
+def test_memory_levels_throttle_and_shed() -> None:
+    async def scenario() -> None:
+        async with DemoPool() as pool:
+            pool.apply_memory_level(MemoryLevel.HIGH)
+            calls = [asyncio.create_task(pool.call("ping", i)) for i in range(10)]
+            await asyncio.sleep(0)
+            assert pool.snapshot().in_flight == 1  # workers // 2 calls in flight, rest queued
+            assert await asyncio.gather(*calls) == list(range(10))
+            pool.apply_memory_level(MemoryLevel.CRITICAL)
+            with pytest.raises(Overloaded, match="memory"):
+                await pool.call("ping", 1)
+            pool.apply_memory_level(MemoryLevel.NORMAL)
+            assert await pool.call("ping", 5) == 5
+
+    run(scenario())
+
+
+def test_sigkilled_parent_leaves_no_worker_alive(tmp_path: os.PathLike[str]) -> None:
+    script = textwrap.dedent(
+        """
+        import asyncio, sys
+        sys.path.insert(0, sys.argv[1])
+        from pools import DemoPool
+
+        async def main():
+            async with DemoPool() as pool:
+                await pool.wait_ready()
+                print(*pool.worker_pids(), flush=True)
+                await asyncio.Event().wait()
+
+        asyncio.run(main())
+        """
+    )
+    tests_dir = os.path.dirname(__file__)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, tests_dir], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2
+        workers = [psutil.Process(p) for p in pids]
+        parent.kill()
+        parent.wait(timeout=10)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"orphaned workers: {alive}"
+    finally:
+        parent.kill()
+        parent.wait()
