@@ -23,8 +23,9 @@ falls only once the value is below ``threshold * (1 - hysteresis)``), so a value
 threshold does not flap. The decision is the pure :func:`step_level`/:class:`LevelTracker`; the
 :class:`MemoryMonitor` only samples, exports and notifies.
 
-The monitor runs on Gru's event loop: one sample costs tens to a few hundred microseconds (a few
-``/proc`` and cgroup files), far below what a thread hop would cost at a sub-second interval.
+The monitor runs on Gru's event loop: one sample reads a handful of small ``/proc`` and cgroup
+files (measured 0.3-0.7 ms on a loaded 2-core VM, plus about 70 us per worker), a fraction of a
+percent of one core at the default half-second interval.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def status(text: str) -> bool:
 
 
 def stopping(status: str | None = None) -> bool:
-    """``STOPPING=1``: shutdown has begun, so systemd does not read the exit as a crash."""
+    """``STOPPING=1``: shutdown has begun; systemd shows the unit as deactivating."""
     lines = ["STOPPING=1"]
     if status is not None:
         lines.append("STATUS=" + _one_line(status))
