@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
+import os
 import sys
 import time
 import traceback
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,11 @@ class Orchestration:
         self._step_timers = [STEP_SECONDS.labels(self.id, name) for name in composition.steps]
         self._lifecycle = {e: WORKFLOWS.labels(self.id, e) for e in _EVENTS}
         self._gauge = WORKFLOWS_IN_FLIGHT.labels(self.id)
+        self._gauge.set_function(lambda: len(self._tasks))  # read at scrape time, not per step
+        # Workflow ids: a random prefix per start plus a counter, unique across restarts and far
+        # cheaper than a uuid4 per workflow.
+        self._id_prefix = os.urandom(6).hex() + "-"
+        self._id_counter = itertools.count(1)
 
     # --- pipeline subscriber -----------------------------------------------------------------
 
@@ -109,7 +115,8 @@ class Orchestration:
         if encoded is None and self._store is not None:
             encoded = self._encoder.encode(event)
         context = self.composition.context_type()
-        workflow = _Workflow(uuid.uuid4().hex, event, encoded, context, 0, time.time())
+        workflow_id = f"{self._id_prefix}{next(self._id_counter):x}"
+        workflow = _Workflow(workflow_id, event, encoded, context, 0, time.time())
         self._lifecycle["started"].inc()
         self._spawn(workflow)
 
@@ -161,6 +168,7 @@ class Orchestration:
         for task in remaining:
             task.cancel()
         await asyncio.gather(*remaining, return_exceptions=True)
+        self._gauge.set_function(lambda: 0.0)  # release this object; the series reads 0
         return len(remaining)
 
     def status(self) -> OrchestrationStatus:
@@ -181,12 +189,10 @@ class Orchestration:
     def _spawn(self, workflow: _Workflow) -> None:
         task = asyncio.create_task(self._run(workflow), name=f"minions-wf:{workflow.workflow_id}")
         self._tasks.add(task)
-        self._gauge.inc()
         task.add_done_callback(self._on_done)
 
     def _on_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._gauge.dec()
         self._room.set()
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._logger.error("workflow task crashed: %r", exc, exc_info=exc, **ids(self.id))
@@ -225,15 +231,10 @@ class Orchestration:
 
     async def _checkpoint(self, workflow: _Workflow, index: int) -> None:
         assert self._store is not None
-        record = WorkflowRecord(
-            orchestration_id=self.id,
-            workflow_id=workflow.workflow_id,
-            event=workflow.event_bytes,
-            context=self._encoder.encode(workflow.context),
-            step_index=index,
-            created_at=workflow.created_at,
-            updated_at=time.time(),
-        )
+        record = WorkflowRecord(  # positional: this runs before every step
+            self.id, workflow.workflow_id, workflow.event_bytes,
+            self._encoder.encode(workflow.context), index, workflow.created_at, time.time(),
+        )  # fmt: skip
         await self._store.save(record)
         workflow.saved = True
 

@@ -1,0 +1,154 @@
+"""Gru throughput: workflows/s through a 2-step minion with 1,000 workflows in flight.
+
+Runs the same orchestration stateless and with the default SQLite store in one process and
+prints the ratio (target: durable costs at most 2x, thanks to group commit), then the same with
+each step calling a worker pool. Every workflow saves a checkpoint before each of its 2 steps and
+deletes it at the end: 3 durable writes per workflow.
+
+    python benchmarks/bench_runtime.py [--workflows 20000] [--in-flight 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+from minions import Gru, Minion, Pipeline, minion_step
+from minions.runtime.state import SQLiteStateStore, WorkflowRecord
+
+try:
+    from minions.workers import WorkerPool
+except ImportError:  # the pool lands separately; the pool rows are skipped without it
+    WorkerPool = None  # type: ignore[assignment,misc]
+
+
+@dataclass
+class Tick:
+    n: int = 0
+
+
+@dataclass
+class Ctx:
+    total: int = 0
+
+
+class Budget:
+    """How many events the pipeline may still produce (set per run)."""
+
+    remaining = 0
+
+
+class TickPipeline(Pipeline[Tick]):
+    async def produce_event(self) -> Tick:
+        if Budget.remaining <= 0:
+            await asyncio.Event().wait()
+        Budget.remaining -= 1
+        return Tick(Budget.remaining)
+
+
+class TwoSteps(Minion[Tick, Ctx]):
+    @minion_step
+    async def first(self) -> None:
+        self.context.total += self.event.n
+
+    @minion_step
+    async def second(self) -> None:
+        self.context.total += 1
+
+
+if WorkerPool is not None:
+
+    class BenchPool(WorkerPool):
+        service = "native_demo.service:NativeDemo"
+        workers = 2
+
+    class PoolSteps(Minion[Tick, Ctx]):
+        native: BenchPool
+
+        @minion_step
+        async def first(self) -> None:
+            self.context.total = await self.native.call("ping", self.event.n)
+
+        @minion_step
+        async def second(self) -> None:
+            self.context.total += await self.native.call("ping", 1)
+
+
+async def measure(minion: type, workflows: int, in_flight: int, durable: bool) -> float:
+    """Workflows per second from start_orchestration until all have finished."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = {"db_path": os.path.join(tmp, "minions.db")} if durable else {"state_store": None}
+        gru = await Gru.create(
+            **store, log_file=os.path.join(tmp, "minions.log"), max_in_flight=in_flight,
+            handle_signals=False,
+        )  # fmt: skip
+        try:
+            Budget.remaining = workflows
+            started = time.perf_counter()
+            result = await gru.start_orchestration(TickPipeline, minion)
+            assert result.success, result.reason
+            while gru.status().orchestrations[0].succeeded < workflows:
+                await asyncio.sleep(0.005)
+            elapsed = time.perf_counter() - started
+        finally:
+            await gru.shutdown()
+    return workflows / elapsed
+
+
+async def store_floor(workflows: int, in_flight: int) -> float:
+    """The same 3 durable writes per workflow straight into the store, without Gru: the floor
+    the durable rows cannot beat."""
+
+    async def workflow(store: SQLiteStateStore, gate: asyncio.Semaphore, n: int) -> None:
+        async with gate:
+            for step in (0, 1):
+                record = WorkflowRecord("bench", str(n), b"\x91\x00", b"\x91\x00", step, 0.0, 0.0)
+                await store.save(record)
+            await store.delete("bench", str(n))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        async with SQLiteStateStore(os.path.join(tmp, "floor.db")) as store:
+            gate = asyncio.Semaphore(in_flight)
+            started = time.perf_counter()
+            await asyncio.gather(*(workflow(store, gate, n) for n in range(workflows)))
+            return workflows / (time.perf_counter() - started)
+
+
+async def compare(minion: type, count: int, args: argparse.Namespace) -> tuple[float, float]:
+    """Median workflows/s, stateless and SQLite, alternating rounds so load drifts hit both."""
+    await measure(minion, min(count, 2000), args.in_flight, durable=False)  # warm-up
+    stateless, durable = [], []
+    for _ in range(args.rounds):
+        stateless.append(await measure(minion, count, args.in_flight, durable=False))
+        durable.append(await measure(minion, count, args.in_flight, durable=True))
+    return statistics.median(stateless), statistics.median(durable)
+
+
+async def main(args: argparse.Namespace) -> None:
+    print(f"2-step minion, {args.in_flight} in flight, median of {args.rounds} rounds")
+    print(f"{'scenario':<44}{'workflows/s':>12}{'vs stateless':>14}")
+    rows = [("no-op steps", TwoSteps, args.workflows)]
+    if WorkerPool is None:
+        print("(worker pool rows skipped: minions.workers is not importable yet)")
+    elif args.pool_workflows > 0:
+        rows.append(("each step calls a 2-worker pool", PoolSteps, args.pool_workflows))
+    for label, minion, count in rows:
+        stateless, durable = await compare(minion, count, args)
+        print(f"{label + ', stateless':<44}{stateless:>12,.0f}{'1.00x':>14}")
+        print(f"{label + ', SQLite':<44}{durable:>12,.0f}{stateless / durable:>13.2f}x")
+    floor = statistics.median([await store_floor(args.workflows, args.in_flight) for _ in range(3)])
+    print(f"{'SQLite store alone, same 3 writes/workflow':<44}{floor:>12,.0f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workflows", type=int, default=20_000)
+    parser.add_argument("--pool-workflows", type=int, default=5_000)
+    parser.add_argument("--in-flight", type=int, default=1_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    asyncio.run(main(parser.parse_args()))
