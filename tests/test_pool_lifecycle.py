@@ -11,12 +11,12 @@ import textwrap
 
 import psutil
 import pytest
-from conftest import run
-from pools import SERVICE, BadServicePool, DemoPool
 
+from conftest import run
 from minions.errors import Overloaded, PoolUnavailable, WorkerCrashed
 from minions.ops import metrics
 from minions.workers import Circuit, MemoryLevel, PoolConfig, WorkerPool
+from pools import SERVICE, BadServicePool, DemoPool
 
 
 @pytest.mark.parametrize(
@@ -83,7 +83,7 @@ def test_shutdown_removes_socket_dir_and_reaps_every_worker() -> None:
         await pool.shutdown()
         assert not directory.exists()
         assert not any(psutil.pid_exists(p) for p in pids)
-        with pytest.raises(PoolUnavailable, match="shutting down|not started"):
+        with pytest.raises(PoolUnavailable, match=r"shutting down|not started"):
             await pool.call("ping", 1)
 
     run(scenario())

@@ -19,24 +19,35 @@ import zmq
 log = logging.getLogger("minions.ipc")
 
 _DRAIN_BATCH = 256  # messages handled per loop callback before yielding to other tasks
+# Plain ints: pyzmq's enum flags cost an Enum construction per use on the hot path.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_RCVMORE = int(zmq.RCVMORE)
 
 
 class RouterChannel:
-    """Bind a ROUTER at ``address``; call ``on_frames(identity, payload)`` for each message.
+    """Bind a ROUTER at ``address``; call ``on_frames(identity, payloads)`` for each message.
 
-    ``on_bad(kind)`` is called for multipart shapes the protocol never sends (counted and dropped).
-    Must be used from the thread running ``loop``.
+    A message is ``[identity, payload, payload, ...]``: each payload is one encoded Struct, and
+    several travel together when a side has several ready at once (one flush of the pipe instead
+    of one per call). ``on_drained()`` runs after each batch of received messages, so the owner
+    can answer a burst with one batch. ``on_bad(kind)`` counts shapes the protocol never sends.
+    Must be used from the thread running the event loop.
     """
 
     def __init__(
         self,
         address: str,
-        on_frames: Callable[[bytes, bytes], None],
+        on_frames: Callable[[bytes, list[bytes]], None],
         on_bad: Callable[[str], None],
+        on_drained: Callable[[], None],
     ) -> None:
         self.address = address
         self._on_frames = on_frames
         self._on_bad = on_bad
+        self._on_drained = on_drained
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._sock: zmq.Socket[bytes] | None = None
@@ -56,17 +67,23 @@ class RouterChannel:
         self._fd = sock.getsockopt(zmq.FD)
         self._loop.add_reader(self._fd, self._drain)
 
-    def send(self, identity: bytes, payload: bytes) -> bool:
-        """Queue one message for a worker; ``False`` if that worker is not connected."""
-        assert self._sock is not None, "channel not open"
+    def send(self, identity: bytes, payloads: list[bytes]) -> bool:
+        """Queue payloads for one worker as one message; ``False`` if it is not connected."""
+        sock = self._sock
+        assert sock is not None, "channel not open"
         try:
-            self._sock.send_multipart((identity, payload), zmq.NOBLOCK, copy=False)
+            sock.send(identity, _SEND_MORE)
+            last = len(payloads) - 1
+            for i, payload in enumerate(payloads):
+                sock.send(payload, _NOBLOCK if i == last else _SEND_MORE)
         except zmq.ZMQError as exc:
             if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 return False
             raise
         finally:
-            self._schedule_drain()
+            # A send can swallow the FD edge announcing replies already queued: look ourselves.
+            if not self._drain_scheduled and sock.getsockopt(_EVENTS) & _POLLIN:
+                self._schedule_drain()
         return True
 
     def _schedule_drain(self) -> None:
@@ -79,18 +96,23 @@ class RouterChannel:
         sock = self._sock
         if sock is None:
             return
-        for _ in range(_DRAIN_BATCH):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError as exc:  # socket closed under us during shutdown
-                log.debug("router recv failed: %s", exc)
-                return
-            if len(frames) != 2:
-                self._on_bad("shape")
-                continue
-            self._on_frames(frames[0], frames[1])
+        try:
+            for _ in range(_DRAIN_BATCH):
+                if not sock.getsockopt(_EVENTS) & _POLLIN:
+                    self._on_drained()
+                    return
+                identity = sock.recv(_NOBLOCK)
+                payloads = []
+                while sock.getsockopt(_RCVMORE):
+                    payloads.append(sock.recv(_NOBLOCK))
+                if payloads:
+                    self._on_frames(identity, payloads)
+                else:
+                    self._on_bad("shape")
+        except zmq.ZMQError as exc:  # socket closed under us during shutdown
+            log.debug("router recv failed: %s", exc)
+            return
+        self._on_drained()
         self._schedule_drain()  # more may be waiting; let other callbacks run first
 
     def close(self) -> None:

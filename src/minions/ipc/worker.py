@@ -57,7 +57,7 @@ class _Handler:
 
     def bind(self, call: m.Call) -> tuple[Any, ...]:
         """Decode and type-check the arguments; raises ``msgspec.ValidationError``/``TypeError``."""
-        if bytes(call.kwargs) == m.EMPTY_MAP:
+        if len(call.kwargs) == 1:  # msgpack's empty map is the only one-byte map
             return msgspec.structs.astuple(self.args_decoder.decode(call.args))
         positional = msgspec.msgpack.decode(call.args, type=list)
         keywords = msgspec.msgpack.decode(call.kwargs, type=dict[str, Any])
@@ -154,30 +154,32 @@ def _serve(
     marker: CallMarker,
     args: argparse.Namespace,
 ) -> None:
-    heartbeat_ms = int(args.heartbeat_s * 1000)
+    sock.setsockopt(zmq.RCVTIMEO, int(args.heartbeat_s * 1000))  # idle -> heartbeat
     heartbeat = m.encoder.encode(m.Heartbeat())
     while True:
-        if not sock.poll(heartbeat_ms):
+        try:
+            frames = sock.recv_multipart()
+        except zmq.Again:
             if os.getppid() != args.parent_pid:
                 os._exit(ORPHANED_EXIT)
             sock.send(heartbeat)
             continue
-        frame = sock.recv()
-        try:
-            msg = m.worker_decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            print(f"minions worker {args.worker_id}: dropped bad frame: {exc}", file=sys.stderr)
-            continue
-        match msg:
-            case m.Call():
-                marker.running(msg.call_id)
-                reply = serve_call(handlers, msg)
-                marker.finished(msg.call_id)
-                sock.send(reply)
-            case m.Shutdown():
-                return
-            case m.Heartbeat():
-                pass
+        for frame in frames:
+            try:
+                msg = m.worker_decoder.decode(frame)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                print(f"minions worker {args.worker_id}: dropped bad frame: {exc}", file=sys.stderr)
+                continue
+            match msg:
+                case m.Call():
+                    marker.running(msg.call_id)
+                    reply = serve_call(handlers, msg)
+                    marker.finished(msg.call_id)
+                    sock.send(reply)
+                case m.Shutdown():
+                    return
+                case m.Heartbeat():
+                    pass
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

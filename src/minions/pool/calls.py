@@ -15,7 +15,9 @@ class PendingCall:
     resolved. ``crashes`` counts workers this call was running on when they died.
     """
 
-    __slots__ = ("args", "call_id", "crashes", "future", "kwargs", "method", "submitted_at")
+    __slots__ = (
+        "args", "call_id", "crashes", "expected_s", "future", "kwargs", "method", "submitted_at",
+    )  # fmt: skip
 
     def __init__(
         self, call_id: int, method: str, args: bytes, kwargs: bytes, future: asyncio.Future[Any]
@@ -26,6 +28,7 @@ class PendingCall:
         self.kwargs = kwargs
         self.future = future
         self.crashes = 0
+        self.expected_s = 0.0  # predicted run time when sent; see WorkerPool._pick_worker
         self.submitted_at = time.monotonic()
 
     @property

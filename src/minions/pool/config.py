@@ -32,7 +32,8 @@ class PoolConfig:
     restart_period_s: float = 10.0
     circuit_reset_s: float = 5.0
     max_queue: int = 10_000
-    pipeline_depth: int = 2
+    pipeline_depth: int = 16
+    pipeline_window_s: float = 0.002
     boot_timeout_s: float = 30.0
     shutdown_grace_s: float = 10.0
     heartbeat_s: float = 1.0

@@ -1,9 +1,11 @@
 """``WorkerPool``: the parent side of the isolation boundary.
 
 Design note. Everything runs on Gru's event loop, in one thread: the ROUTER channel's reader,
-each worker's pidfd reader, per-call deadline timers and a slow supervising task. A call is
-encoded once, waits in one FIFO queue, and is sent to the least-loaded active worker (up to
-``pipeline_depth`` calls per worker, so the next call is already there when one finishes).
+each worker's pidfd reader and a slow supervising task. A call is encoded once, waits in one
+FIFO queue, and goes to an idle active worker; when none is idle, it may be *pipelined* behind
+the calls a worker already has, but only while the predicted run time of that backlog (a moving
+average per method) stays under ``pipeline_window_s``. So tiny calls stream back to back (the
+worker never waits for the parent) and nothing ever queues behind a slow call.
 Workers answer strictly in order, so when a worker dies the first call it owed is the one that
 killed it and the rest never started: those are re-queued at no cost. See ``supervisor.py`` for
 the death, restart and recycle side.
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import msgspec
+from msgspec import Raw
 
 from minions.errors import (
     CallTimeout,
@@ -113,6 +116,9 @@ class WorkerPool(Resource):
         self._quarantine: dict[bytes, float] = {}
         self._specs: dict[str, MethodSpec] = {}
         self._decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {}
+        self._method_metrics: dict[str, tuple[Any, Any]] = {}
+        self._cost: dict[str, float] = {}  # moving average run time per method, seconds
+        self._active: tuple[WorkerProcess, ...] = ()
         self._intensity = RestartIntensity(
             self.config.restart_intensity, self.config.restart_period_s
         )
@@ -151,8 +157,17 @@ class WorkerPool(Resource):
                 self.name, f"cannot load service {self.config.service!r}: {exc!r}"
             ) from exc
         self._decoders = {n: msgspec.msgpack.Decoder(s.result_type) for n, s in self._specs.items()}
+        self._method_metrics = {
+            n: (
+                metrics.WORKER_CALLS.labels(self.name, n, "ok"),
+                metrics.WORKER_CALL_SECONDS.labels(self.name, n),
+            )
+            for n in self._specs
+        }
         self._endpoint = Endpoint.create(self.name)
-        self._channel = RouterChannel(self._endpoint.address, self._on_frames, self._on_bad_frame)
+        self._channel = RouterChannel(
+            self._endpoint.address, self._on_frames, self._on_bad_frame, self.dispatch
+        )
         try:
             self._channel.open()
             self._supervisor.spawn_missing()
@@ -215,14 +230,14 @@ class WorkerPool(Resource):
             value = await self._submit(method, args, kwargs)
         except WorkerCallError as exc:
             metrics.WORKER_CALLS.labels(self.name, method, _outcome(exc)).inc()
-            raise
-        else:
-            metrics.WORKER_CALLS.labels(self.name, method, "ok").inc()
-            return value
-        finally:
             metrics.WORKER_CALL_SECONDS.labels(self.name, method).observe(
                 time.perf_counter() - started
             )
+            raise
+        ok, seconds = self._method_metrics[method]  # known: _submit checked the method
+        ok.inc()
+        seconds.observe(time.perf_counter() - started)
+        return value
 
     async def _submit(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._check_accepting()
@@ -288,18 +303,38 @@ class WorkerPool(Resource):
     # --- dispatch -------------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Send queued calls to workers with room; called whenever either side changes."""
+        """Send queued calls to workers with room; called whenever either side changes.
+
+        Calls bound for one worker in one pass travel as one message (one pipe flush)."""
         queue = self._queue
         if not queue:
             return
         depth, limit = self._throttle()
+        batches: dict[WorkerProcess, list[bytes]] = {}
+        now = time.monotonic()
         while queue and self._in_flight < limit:
-            worker = self._pick_worker(depth)
+            call = queue[0]
+            if call.future.done():
+                queue.popleft()
+                continue
+            expected = self._cost.get(call.method, self.config.pipeline_window_s)
+            worker = self._pick_worker(depth, expected)
             if worker is None:
-                return
-            call = queue.popleft()
-            if not call.future.done():
-                self._send_call(worker, call)
+                break
+            queue.popleft()
+            if not worker.inflight:
+                worker.head_since = now
+                worker.backlog_s = 0.0
+            call.expected_s = expected
+            worker.backlog_s += expected
+            worker.inflight.append(call)
+            self._in_flight += 1
+            call_msg = m.Call(call.call_id, call.method, Raw(call.args), Raw(call.kwargs))
+            batches.setdefault(worker, []).append(m.encoder.encode(call_msg))
+        assert self._channel is not None
+        for worker, payloads in batches.items():
+            if not self._channel.send(worker.identity, payloads):
+                self._supervisor.lose(worker)
 
     def _throttle(self) -> tuple[int, int]:
         """(calls per worker, calls in flight) allowed at the current memory level."""
@@ -309,27 +344,24 @@ class WorkerPool(Resource):
             return 1, max(1, self.config.workers // 2)
         return 1, 1
 
-    def _pick_worker(self, depth: int) -> WorkerProcess | None:
+    def _pick_worker(self, depth: int, expected_s: float) -> WorkerProcess | None:
+        """An idle worker, else the one with the shortest predicted backlog that stays within
+        ``pipeline_window_s`` after taking this call and has fewer than ``depth`` calls."""
         best: WorkerProcess | None = None
-        for worker in self._workers.values():
-            if worker.dispatchable and len(worker.inflight) < depth:
-                if not worker.inflight:
-                    return worker
-                if best is None or len(worker.inflight) < len(best.inflight):
-                    best = worker
+        best_backlog = self.config.pipeline_window_s - expected_s
+        for worker in self._active:
+            if worker.phase is not Phase.READY:
+                continue
+            if not worker.inflight:
+                return worker
+            if len(worker.inflight) < depth and worker.backlog_s <= best_backlog:
+                best, best_backlog = worker, worker.backlog_s
         return best
 
-    def _send_call(self, worker: WorkerProcess, call: PendingCall) -> None:
-        assert self._channel is not None
-        payload = m.encoder.encode(
-            m.Call(call.call_id, call.method, msgspec.Raw(call.args), msgspec.Raw(call.kwargs))
-        )
-        worker.inflight.append(call)
-        self._in_flight += 1
-        if len(worker.inflight) == 1:
-            self._supervisor.arm_deadline(worker)
-        if not self._channel.send(worker.identity, payload):
-            self._supervisor.lose(worker)
+    def refresh_active(self) -> None:
+        """Recompute the workers calls may go to; the supervisor calls this on every change
+        of a worker's phase or role, so the hot path never filters."""
+        self._active = tuple(w for w in self._workers.values() if w.dispatchable)
 
     def requeue_front(self, calls: list[PendingCall]) -> None:
         """Put calls back at the head of the queue, keeping their order."""
@@ -341,11 +373,16 @@ class WorkerPool(Resource):
 
     # --- wire -----------------------------------------------------------------------------
 
-    def _on_frames(self, identity: bytes, payload: bytes) -> None:
+    def _on_frames(self, identity: bytes, payloads: list[bytes]) -> None:
         worker = self._workers.get(identity)
         if worker is None:
             self._on_bad_frame("unauthenticated")
             return
+        for payload in payloads:
+            self._on_message(worker, payload)
+        self._supervisor.after_answer(worker)  # dispatch follows once the channel is drained
+
+    def _on_message(self, worker: WorkerProcess, payload: bytes) -> None:
         try:
             msg = m.parent_decoder.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -379,9 +416,6 @@ class WorkerPool(Resource):
                 self._supervisor.on_hello(worker, msg)
             case m.Heartbeat():
                 pass
-        if msg.__class__ is not m.Heartbeat:
-            self._supervisor.after_answer(worker)
-            self.dispatch()
 
     def _take(self, worker: WorkerProcess, call_id: int) -> PendingCall | None:
         """Pop the call a worker just answered; it must be the oldest it owes."""
@@ -391,7 +425,12 @@ class WorkerPool(Resource):
         call = worker.inflight.popleft()
         self._in_flight -= 1
         worker.calls_served += 1
-        self._supervisor.arm_deadline(worker)
+        now = time.monotonic()
+        ran = now - worker.head_since
+        cost = self._cost.get(call.method)
+        self._cost[call.method] = ran if cost is None else 0.8 * cost + 0.2 * ran
+        worker.backlog_s -= call.expected_s
+        worker.head_since = now
         return call
 
     def _resolve(self, call: PendingCall, raw: msgspec.Raw) -> None:

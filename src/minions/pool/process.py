@@ -23,8 +23,6 @@ from minions.ipc.marker import marker_path, read_running_call
 from minions.ipc.worker import TOKEN_ENV
 
 if TYPE_CHECKING:
-    import asyncio
-
     from minions.pool.calls import PendingCall
     from minions.pool.verdict import DeathCause
 
@@ -65,7 +63,8 @@ class WorkerProcess:
     spawned_at: float = field(default_factory=time.monotonic)
     calls_served: int = 0
     inflight: collections.deque[PendingCall] = field(default_factory=collections.deque)
-    head_timer: asyncio.TimerHandle | None = None
+    head_since: float = 0.0  # monotonic time the call it is running now was started
+    backlog_s: float = 0.0  # predicted run time of the calls it owes (pipelining budget)
     killed_for: DeathCause | None = None
     said_hello: bool = False
     rss_bytes: int = 0

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("minions.pool")
 
-_TICK_S = 0.1
+_TICK_S = 0.05
 _DUMP_BEFORE_KILL_S = 0.2  # time faulthandler gets to write a hung worker's stack
 _STOP_ESCALATION_S = 2.0  # polite shutdown -> SIGTERM -> SIGKILL steps
 
@@ -59,6 +59,7 @@ class Supervisor:
         """Slow housekeeping; deaths and deadlines are handled the moment they happen."""
         while True:
             await asyncio.sleep(_TICK_S)
+            self.enforce_deadlines()
             self.enforce_boot_deadlines()
             self.retry_circuit()
             self.recycle_bloated()
@@ -153,6 +154,7 @@ class Supervisor:
         worker.said_hello = True
         if worker.phase is Phase.BOOTING:
             worker.phase = Phase.READY
+            self.pool.refresh_active()
         if pool._circuit is Circuit.HALF_OPEN:
             pool._circuit = Circuit.CLOSED
             pool._intensity.reset()
@@ -171,29 +173,23 @@ class Supervisor:
             self._stop(worker, DeathCause.RECYCLED)
         self.pool.notify_changed()
 
-    def arm_deadline(self, worker: WorkerProcess) -> None:
-        """(Re)start the deadline of the call the worker is running now, if any."""
-        if worker.head_timer is not None:
-            worker.head_timer.cancel()
-            worker.head_timer = None
-        if worker.inflight and self.pool._loop is not None:
-            worker.head_timer = self.pool._loop.call_later(
-                self.cfg.call_timeout_s, self._on_deadline, worker
-            )
-
-    def _on_deadline(self, worker: WorkerProcess) -> None:
-        worker.head_timer = None
-        if worker.phase in (Phase.READY, Phase.RETIRING) and worker.inflight:
-            log.warning(
-                "pool %s: worker %d (pid %d) exceeded %gs on %s(); killing it",
-                self.pool.name,
-                worker.worker_id,
-                worker.pid,
-                self.cfg.call_timeout_s,
-                worker.inflight[0].method,
-            )
-            worker.send_signal(signal.SIGUSR1)  # faulthandler dumps where it is stuck
-            self._kill(worker, DeathCause.TIMEOUT, delay=_DUMP_BEFORE_KILL_S)
+    def enforce_deadlines(self) -> None:
+        """Kill workers whose current call overran ``call_timeout_s`` (checked every tick:
+        a timestamp per call is far cheaper than a timer per call on the hot path)."""
+        now = time.monotonic()
+        for worker in list(self.pool._workers.values()):
+            if (
+                worker.inflight
+                and worker.phase in (Phase.READY, Phase.RETIRING)
+                and now - worker.head_since > self.cfg.call_timeout_s
+            ):
+                log.warning(
+                    "pool %s: worker %d (pid %d) exceeded %gs on %s(); killing it",
+                    self.pool.name, worker.worker_id, worker.pid, self.cfg.call_timeout_s,
+                    worker.inflight[0].method,
+                )  # fmt: skip
+                worker.send_signal(signal.SIGUSR1)  # faulthandler dumps where it is stuck
+                self._kill(worker, DeathCause.TIMEOUT, delay=_DUMP_BEFORE_KILL_S)
 
     def lose(self, worker: WorkerProcess) -> None:
         """The worker's socket is gone while its process lingers: kill it, its calls follow."""
@@ -264,8 +260,6 @@ class Supervisor:
         pool = self.pool
         assert pool._loop is not None
         pool._loop.remove_reader(worker.pidfd)
-        if worker.head_timer is not None:
-            worker.head_timer.cancel()
         timer = self._stop_timers.pop(worker.worker_id, None)
         if timer is not None:
             timer.cancel()
@@ -421,13 +415,14 @@ class Supervisor:
         return max(0.0, self._circuit_retry_at - time.monotonic())
 
     def _promote_spare(self, gone: WorkerProcess) -> None:
-        if gone.role is not Role.ACTIVE:
-            return
-        gone.role = Role.SPARE  # it no longer holds an active slot
-        for worker in self.pool._workers.values():
-            if worker.role is Role.SPARE and worker.phase is Phase.READY:
-                worker.role = Role.ACTIVE
-                return
+        """``gone`` stops taking calls: hand its active slot to a ready spare, if any."""
+        if gone.role is Role.ACTIVE:
+            gone.role = Role.SPARE  # it no longer holds an active slot
+            for worker in self.pool._workers.values():
+                if worker.role is Role.SPARE and worker.phase is Phase.READY:
+                    worker.role = Role.ACTIVE
+                    break
+        self.pool.refresh_active()
 
     def serving(self) -> bool:
         return any(w.dispatchable for w in self.pool._workers.values())
@@ -452,7 +447,7 @@ class Supervisor:
         """Ask politely; escalate to SIGTERM then SIGKILL on monotonic deadlines."""
         worker.killed_for = cause
         if self.pool._channel is not None and worker.said_hello:
-            self.pool._channel.send(worker.identity, m.encoder.encode(m.Shutdown(cause.value)))
+            self.pool._channel.send(worker.identity, [m.encoder.encode(m.Shutdown(cause.value))])
         else:
             worker.send_signal(signal.SIGTERM)
         self._escalate(worker, signal.SIGTERM)
@@ -474,6 +469,7 @@ class Supervisor:
             if worker.phase in (Phase.READY, Phase.RETIRING, Phase.BOOTING):
                 worker.phase = Phase.RETIRING
                 self._stop(worker, DeathCause.STOPPED)
+        self.pool.refresh_active()
         ok = await self.pool._wait_until(lambda: not self.pool._workers, 3 * _STOP_ESCALATION_S)
         if not ok:  # cannot happen unless the kernel refuses SIGKILL; never leave a zombie
             for worker in list(self.pool._workers.values()):
