@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from minions.ops.memory import MemoryThresholds
+
 
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
@@ -38,6 +40,7 @@ class PoolConfig:
     shutdown_grace_s: float = 10.0
     heartbeat_s: float = 1.0
     rss_check_s: float = 1.0
+    memory: MemoryThresholds | None = None  # standalone pools: run an own memory monitor
 
     def __post_init__(self) -> None:
         if not isinstance(self.service, str) or self.service.count(":") != 1:
@@ -52,6 +55,8 @@ class PoolConfig:
             ):
                 raise ValueError(f"{f.name} must be a finite {f.type}, got {value!r}")
         self._check_ranges()
+        if self.memory is not None and not isinstance(self.memory, MemoryThresholds):
+            raise ValueError(f"memory must be a MemoryThresholds or None, got {self.memory!r}")
 
     def _check_ranges(self) -> None:
         at_least = {

@@ -39,9 +39,11 @@ from minions.ipc.endpoint import Endpoint
 from minions.ipc.service import MethodSpec, describe, load_service
 from minions.ops import metrics
 from minions.ops.levels import MemoryLevel
+from minions.ops.memory import MemoryMonitor
 from minions.pool.calls import PendingCall, fingerprint
 from minions.pool.config import PoolConfig
 from minions.pool.intensity import Backoff, RestartIntensity
+from minions.pool.pressure import MemoryPressure
 from minions.pool.process import Phase, WorkerProcess
 from minions.pool.states import Circuit, PoolState
 from minions.pool.supervisor import Supervisor
@@ -107,7 +109,6 @@ class WorkerPool(Resource):
         self.name = self.config.name or type(self).__name__
         self._state = PoolState.NEW
         self._circuit = Circuit.CLOSED
-        self._memory_level = MemoryLevel.NORMAL
         self._queue: collections.deque[PendingCall] = collections.deque()
         self._workers: dict[bytes, WorkerProcess] = {}
         self._in_flight = 0
@@ -131,6 +132,7 @@ class WorkerPool(Resource):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._supervisor = Supervisor(self)
         self._task: asyncio.Task[None] | None = None
+        self._pressure = MemoryPressure(self)
         self._labels = {
             "alive": metrics.WORKERS_ALIVE.labels(self.name),
             "queue": metrics.QUEUE_DEPTH.labels(self.name),
@@ -176,6 +178,7 @@ class WorkerPool(Resource):
             await self.shutdown()
             raise
         self._state = PoolState.RUNNING
+        self._pressure.hook()
         self._task = asyncio.create_task(self._supervisor.run(), name=f"minions-pool-{self.name}")
         log.info(
             "pool %s: started %d workers of %s", self.name, self.config.workers, self.config.service
@@ -188,6 +191,7 @@ class WorkerPool(Resource):
             self._state = PoolState.CLOSED if self._state is PoolState.NEW else self._state
             return
         self._state = PoolState.CLOSING
+        await self._pressure.unhook()
         await self._wait_until(
             lambda: (not self._queue and not self._in_flight) or not self._supervisor.serving(),
             self.config.shutdown_grace_s,
@@ -250,7 +254,7 @@ class WorkerPool(Resource):
             )
         encoded_args = m.encoder.encode(args)
         encoded_kwargs = m.encoder.encode(kwargs) if kwargs else m.EMPTY_MAP
-        if self._memory_level is MemoryLevel.CRITICAL:
+        if self._pressure.level is MemoryLevel.CRITICAL:
             raise Overloaded(self.name, "memory pressure is critical")
         if len(self._queue) >= self.config.max_queue:
             raise Overloaded(
@@ -309,7 +313,7 @@ class WorkerPool(Resource):
         queue = self._queue
         if not queue:
             return
-        depth, limit = self._throttle()
+        depth, limit = self._pressure.throttle()
         batches: dict[WorkerProcess, list[bytes]] = {}
         now = time.monotonic()
         while queue and self._in_flight < limit:
@@ -335,14 +339,6 @@ class WorkerPool(Resource):
         for worker, payloads in batches.items():
             if not self._channel.send(worker.identity, payloads):
                 self._supervisor.lose(worker)
-
-    def _throttle(self) -> tuple[int, int]:
-        """(calls per worker, calls in flight) allowed at the current memory level."""
-        if self._memory_level is MemoryLevel.NORMAL:
-            return self.config.pipeline_depth, 1 << 30
-        if self._memory_level is MemoryLevel.HIGH:
-            return 1, max(1, self.config.workers // 2)
-        return 1, 1
 
     def _pick_worker(self, depth: int, expected_s: float) -> WorkerProcess | None:
         """An idle worker, else the one with the shortest predicted backlog that stays within
@@ -463,7 +459,7 @@ class WorkerPool(Resource):
             booting=sum(1 for w in workers if w.phase is Phase.BOOTING),
             in_flight=self._in_flight,
             queue_depth=len(self._queue),
-            memory_level=self._memory_level,
+            memory_level=self._pressure.level,
             pids=tuple(w.pid for w in workers),
         )
 
@@ -471,12 +467,20 @@ class WorkerPool(Resource):
         """Pids of every live worker process (for the memory monitor)."""
         return [w.pid for w in self._workers.values() if w.phase is not Phase.DEAD]
 
+    def attach_memory_monitor(self, monitor: MemoryMonitor) -> None:
+        """Follow a shared monitor (Gru does this before startup) instead of an own one."""
+        if self._state is not PoolState.NEW:
+            raise RuntimeError("attach the memory monitor before the pool starts")
+        self._pressure.attach(monitor)
+
     def apply_memory_level(self, level: MemoryLevel) -> None:
-        """Called by the memory monitor on each level change: throttle, shed, recycle."""
-        previous, self._memory_level = self._memory_level, level
+        """Called on each memory level change: throttle (HIGH), shed and recycle (CRITICAL)."""
+        previous = self._pressure.level
+        self._pressure.level = level
         if level > previous:
             self._supervisor.relieve_memory(level)
         self.dispatch()
+        self.notify_changed()
 
     def _publish_gauges(self) -> None:
         snap = self.snapshot()
