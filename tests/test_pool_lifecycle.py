@@ -224,3 +224,15 @@ def test_sigkilled_parent_leaves_no_worker_alive(tmp_path: os.PathLike[str]) -> 
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_workers_volunteer_for_the_oom_killer_before_gru() -> None:
+    async def scenario() -> None:
+        async with DemoPool() as pool:
+            for pid in pool.worker_pids():
+                with open(f"/proc/{pid}/oom_score_adj") as f:
+                    assert int(f.read()) == 500
+            with open("/proc/self/oom_score_adj") as f:
+                assert int(f.read()) < 500
+
+    run(scenario())

@@ -2,37 +2,62 @@
 
 The public surface is this module, :mod:`minions.workers` and :mod:`minions.errors`; everything
 else may move freely between releases.
+
+Names are imported lazily (PEP 562): a worker process runs ``python -m minions.ipc.worker``,
+which imports this package first, and must not pay for the whole orchestration runtime
+(asyncio, SQLite, Prometheus) before it can serve its first call.
 """
 
-from minions.errors import AbortWorkflow
-from minions.resource import Resource
-from minions.runtime.gru import Gru
-from minions.runtime.minion import Minion, minion_step
-from minions.runtime.pipeline import Pipeline
-from minions.runtime.results import (
-    GruState,
-    GruStatus,
-    OrchestrationState,
-    OrchestrationStatus,
-    ResourceStatus,
-    ShutdownResult,
-    StartResult,
-    StopResult,
-)
+from __future__ import annotations
 
-__all__ = [
-    "AbortWorkflow",
-    "Gru",
-    "GruState",
-    "GruStatus",
-    "Minion",
-    "OrchestrationState",
-    "OrchestrationStatus",
-    "Pipeline",
-    "Resource",
-    "ResourceStatus",
-    "ShutdownResult",
-    "StartResult",
-    "StopResult",
-    "minion_step",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from minions.errors import AbortWorkflow
+    from minions.resource import Resource
+    from minions.runtime.gru import Gru
+    from minions.runtime.minion import Minion, minion_step
+    from minions.runtime.pipeline import Pipeline
+    from minions.runtime.results import (
+        GruState,
+        GruStatus,
+        OrchestrationState,
+        OrchestrationStatus,
+        ResourceStatus,
+        ShutdownResult,
+        StartResult,
+        StopResult,
+    )
+
+_HOME = {
+    "AbortWorkflow": "minions.errors",
+    "Gru": "minions.runtime.gru",
+    "GruState": "minions.runtime.results",
+    "GruStatus": "minions.runtime.results",
+    "Minion": "minions.runtime.minion",
+    "OrchestrationState": "minions.runtime.results",
+    "OrchestrationStatus": "minions.runtime.results",
+    "Pipeline": "minions.runtime.pipeline",
+    "Resource": "minions.resource",
+    "ResourceStatus": "minions.runtime.results",
+    "ShutdownResult": "minions.runtime.results",
+    "StartResult": "minions.runtime.results",
+    "StopResult": "minions.runtime.results",
+    "minion_step": "minions.runtime.minion",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'minions' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME])

@@ -44,6 +44,16 @@ def arm_parent_death(parent_pid: int) -> None:
         os._exit(ORPHANED_EXIT)
 
 
+def prefer_oom_kill(score: int = 500) -> None:
+    """Offer ourselves to the kernel OOM killer before Gru: at a cgroup's MemoryMax the kernel
+    then kills a worker (one respawn, one failed call) rather than the supervisor."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(score))
+    except OSError:  # not Linux, or a sandbox that forbids it: the pool still works
+        pass
+
+
 class _Handler:
     """One exposed method, ready to validate and run a call."""
 
@@ -122,6 +132,7 @@ def _boot(service_path: str, crash: IO[str]) -> tuple[Any, dict[str, _Handler]]:
 def run(args: argparse.Namespace) -> int:
     """Boot, say hello, serve until told to stop or the parent is gone."""
     arm_parent_death(args.parent_pid)
+    prefer_oom_kill()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to Gru, which stops us
     crash = open(args.crash_file, "w", buffering=1)  # noqa: SIM115 - lives as long as we do
     faulthandler.enable(file=crash, all_threads=True)
