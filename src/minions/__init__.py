@@ -47,7 +47,22 @@ _HOME = {
     "minion_step": "minions.runtime.minion",
 }
 
-__all__ = sorted(_HOME)
+__all__ = [
+    "AbortWorkflow",
+    "Gru",
+    "GruState",
+    "GruStatus",
+    "Minion",
+    "OrchestrationState",
+    "OrchestrationStatus",
+    "Pipeline",
+    "Resource",
+    "ResourceStatus",
+    "ShutdownResult",
+    "StartResult",
+    "StopResult",
+    "minion_step",
+]
 
 
 def __getattr__(name: str) -> Any:
