@@ -27,6 +27,10 @@ _POLLIN = int(zmq.POLLIN)
 _RCVMORE = int(zmq.RCVMORE)
 
 
+def _pending_input(sock: zmq.Socket[bytes]) -> int:
+    return sock.getsockopt(_EVENTS) & _POLLIN  # type: ignore[operator]  # EVENTS is an int
+
+
 class RouterChannel:
     """Bind a ROUTER at ``address``; call ``on_frames(identity, payloads)`` for each message.
 
@@ -64,7 +68,7 @@ class RouterChannel:
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.bind(self.address)
         self._sock = sock
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd = int(sock.getsockopt(zmq.FD))
         self._loop.add_reader(self._fd, self._drain)
 
     def send(self, identity: bytes, payloads: list[bytes]) -> bool:
@@ -82,7 +86,7 @@ class RouterChannel:
             raise
         finally:
             # A send can swallow the FD edge announcing replies already queued: look ourselves.
-            if not self._drain_scheduled and sock.getsockopt(_EVENTS) & _POLLIN:
+            if not self._drain_scheduled and _pending_input(sock):
                 self._schedule_drain()
         return True
 
@@ -98,7 +102,7 @@ class RouterChannel:
             return
         try:
             for _ in range(_DRAIN_BATCH):
-                if not sock.getsockopt(_EVENTS) & _POLLIN:
+                if not _pending_input(sock):
                     self._on_drained()
                     return
                 identity = sock.recv(_NOBLOCK)

@@ -93,12 +93,12 @@ def _failure(call_id: int, kind: m.FailureKind, exc: BaseException, tb: str = ""
 def serve_call(handlers: dict[str, _Handler], call: m.Call) -> bytes:
     """Run one call and return the encoded Result or Failure. Never raises ``Exception``."""
     if call.deadline and time.monotonic() > call.deadline:
-        exc = TimeoutError("the call's deadline passed before the worker could start it")
-        return _failure(call.call_id, m.FailureKind.EXPIRED, exc)
+        late = TimeoutError("the call's deadline passed before the worker could start it")
+        return _failure(call.call_id, m.FailureKind.EXPIRED, late)
     handler = handlers.get(call.method)
     if handler is None:
-        exc = LookupError(f"unknown method {call.method!r}; exposed: {sorted(handlers)}")
-        return _failure(call.call_id, m.FailureKind.UNKNOWN_METHOD, exc)
+        unknown = LookupError(f"unknown method {call.method!r}; exposed: {sorted(handlers)}")
+        return _failure(call.call_id, m.FailureKind.UNKNOWN_METHOD, unknown)
     try:
         args = handler.bind(call)
     except (msgspec.ValidationError, msgspec.DecodeError, TypeError) as exc:

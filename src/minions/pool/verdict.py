@@ -61,13 +61,14 @@ class Verdict:
     def explanation(self) -> str:
         """Why, in words, without the signal or code (see :meth:`describe`)."""
         if self.cause is DeathCause.SIGNAL:
-            return {
+            reasons: dict[int, str] = {
                 signal.SIGKILL: "killed by someone else: perhaps the kernel OOM killer",
                 signal.SIGSEGV: "segmentation fault in native code",
                 signal.SIGABRT: "native code called abort()",
                 signal.SIGBUS: "bus error in native code",
                 signal.SIGFPE: "arithmetic fault in native code",
-            }.get(self.signal or 0, "killed by a signal")
+            }
+            return reasons.get(self.signal or 0, "killed by a signal")
         return {
             DeathCause.EXIT: "the process exited on its own",
             DeathCause.TIMEOUT: "killed by the pool: call deadline exceeded",
