@@ -24,6 +24,7 @@ from typing import IO, Any
 import msgspec
 import zmq
 
+from minions.errors import ProtocolError
 from minions.ipc import messages as m
 from minions.ipc.marker import CallMarker, marker_path
 from minions.ipc.service import MethodSpec, describe, load_service
@@ -179,7 +180,8 @@ def _serve(
             try:
                 msg = m.worker_decoder.decode(frame)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                print(f"minions worker {args.worker_id}: dropped bad frame: {exc}", file=sys.stderr)
+                error = ProtocolError(f"undecodable frame from the pool: {exc}")
+                print(f"minions worker {args.worker_id}: dropped {error!r}", file=sys.stderr)
                 continue
             match msg:
                 case m.Call():

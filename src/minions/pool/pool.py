@@ -29,6 +29,7 @@ from minions.errors import (
     Overloaded,
     PoisonCall,
     PoolUnavailable,
+    ProtocolError,
     RemoteError,
     WorkerCallError,
     WorkerCrashed,
@@ -382,12 +383,8 @@ class WorkerPool(Resource):
         try:
             msg = m.parent_decoder.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning(
-                "pool %s: dropped undecodable frame from worker %d: %s",
-                self.name,
-                worker.worker_id,
-                exc,
-            )
+            error = ProtocolError(f"undecodable frame from worker {worker.worker_id}: {exc}")
+            log.warning("pool %s: dropped %r", self.name, error)
             self._on_bad_frame("decode")
             return
         match msg:
