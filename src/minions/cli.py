@@ -401,8 +401,9 @@ async def _serve(gru: Any, target: str) -> int:
         running = len(gru.status().orchestrations)
         if not running:
             log.warning("%s returned without starting an orchestration", target)
-        sdnotify.ready(f"{running} orchestration{'s' * (running != 1)} running")
-        log.info("%s started %d orchestrations; serving until SIGTERM", target, running)
+        status = f"{running} orchestration{'s' * (running != 1)} running"
+        sdnotify.ready(status)
+        log.info("%s returned, %s; serving until SIGTERM", target, status)
     await gru.wait_closed()
     result = await gru.shutdown()  # idempotent: the outcome of the shutdown that just ended
     sdnotify.stopping("stopped" if result.success else "stopped with errors")

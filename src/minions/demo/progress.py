@@ -112,7 +112,8 @@ def _verdict(ledger: Ledger, log_path: str) -> str:
         problems.append(f"{ledger.unfinished} never finished")
     if ledger.overcounted:
         problems.append(f"{ledger.overcounted} more workflows ended than events were emitted")
-    return f"LOST {ledger.lost}: {', '.join(problems)}; see {log_path}"
+    head = f"LOST {ledger.lost}" if ledger.lost else "INCONSISTENT"
+    return f"{head}: {', '.join(problems)}; see {log_path}"
 
 
 def _total(values: Mapping[str, float]) -> int:
