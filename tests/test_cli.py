@@ -210,8 +210,9 @@ def _start_run(tmp_path: Path, target: str, notify: NotifySocket) -> subprocess.
     )  # fmt: skip
 
 
-def test_run_notifies_ready_then_stops_cleanly_on_sigterm(tmp_path, notify_socket):
-    proc = _start_run(tmp_path, "launch.py", notify_socket)
+@pytest.mark.parametrize("target", ["launch.py", "launch:main"])
+def test_run_notifies_ready_then_stops_cleanly_on_sigterm(tmp_path, notify_socket, target):
+    proc = _start_run(tmp_path, target, notify_socket)
     try:
         # minions run's own READY=1 comes after the launch function returned, with its status.
         notify_socket.wait_for("READY=1", "STATUS=1 orchestration running")

@@ -84,7 +84,7 @@ def test_demo_forever_ends_cleanly_on_sigterm_with_a_summary(tmp_path):
     try:
         assert proc.stdout is not None
         for line in proc.stdout:  # progress lines are flushed as they are printed
-            if re.search(r"completed [1-9]", line):
+            if re.search(r"events: [1-9]\d* ok", line):
                 break
         proc.send_signal(signal.SIGTERM)
         rest, stderr = proc.communicate(timeout=30)

@@ -50,22 +50,18 @@ class ProgressLine:
 def progress_text(
     elapsed_s: float, total: int | None, ledger: Ledger, counts: Counts, stopping: bool
 ) -> str:
+    """One line, most important first (a narrow terminal cuts the end off)."""
     of = f"/{total}" if total is not None else ""
-    in_flight = max(0, ledger.emitted - ledger.ended)
     rate = (ledger.completed + ledger.survived) / elapsed_s if elapsed_s > 0 else 0.0
-    parts = [
-        f"{_clock(elapsed_s)}",
-        f"events {ledger.emitted}{of}",
-        f"completed {ledger.completed}",
-        f"survived {ledger.survived}",
-        f"failed {ledger.failed}",
-        f"in flight {in_flight}",
-        f"crashes {_total(counts.crashes)}{_breakdown(counts.crashes, parens=True)}",
-        f"retried {int(counts.retries)}",
-        f"{rate:.1f} wf/s",
-    ]
-    text = " | ".join(parts)
-    return text + (" | stopping: finishing in-flight workflows" if stopping else "")
+    text = (
+        f"{_clock(elapsed_s)} {ledger.emitted}{of} events: {ledger.completed} ok, "
+        f"{ledger.survived} survived, {ledger.failed} failed | "
+        f"{_total(counts.crashes)} crashes{_breakdown(counts.crashes, parens=True)}, "
+        f"{int(counts.retries)} retried | {rate:.1f} wf/s"
+    )
+    if stopping:
+        text += f" | stopping, {max(0, ledger.emitted - ledger.ended)} in flight"
+    return text
 
 
 def summary_lines(
