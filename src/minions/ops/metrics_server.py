@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8081
+# serve_forever() notices close() only between polls: 0.1 s keeps Gru's shutdown quick for ten
+# cheap wake-ups a second of an otherwise idle thread (the stdlib default is 0.5 s).
+_POLL_S = 0.1
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -95,7 +98,7 @@ class MetricsServer:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop serving, release the port and join the serving thread. Idempotent; blocks for
-        at most one poll interval of ``serve_forever`` (0.5 s) plus ``timeout``."""
+        at most one poll interval of ``serve_forever`` (0.1 s) plus ``timeout``."""
         if self._closed:
             return
         self._closed = True
@@ -134,7 +137,10 @@ def start_metrics_server(
     except OSError as exc:
         raise MetricsServerError(host, port, exc) from exc
     thread = threading.Thread(
-        target=server.serve_forever, name=f"minions-metrics-{server.server_address[1]}", daemon=True
+        target=server.serve_forever,
+        args=(_POLL_S,),
+        name=f"minions-metrics-{server.server_address[1]}",
+        daemon=True,
     )
     thread.start()
     result = MetricsServer(server, thread, host)

@@ -46,6 +46,12 @@ def _warn_once(key: str, message: str, *args: object) -> None:
         log.warning(message, *args)
 
 
+def enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``$NOTIFY_SOCKET`` names a socket: lets a caller skip building a ``STATUS=`` line
+    (or running a task to refresh it) when nobody listens."""
+    return _address(os.environ if environ is None else environ) is not None
+
+
 def notify(*assignments: str, environ: Mapping[str, str] | None = None) -> bool:
     """Send ``KEY=VALUE`` lines in one datagram; ``True`` if systemd's socket took it.
 

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from minions.ops.memory import MemoryThresholds
 from minions.runtime.log import LoggerLike
 
 _STORE_METHODS = ("open", "save", "delete", "load", "list_all", "close")
@@ -29,18 +30,26 @@ DEFAULT = Default.TOKEN
 
 @dataclass(frozen=True, slots=True)
 class GruConfig:
-    """Settings of one Gru. See :meth:`minions.Gru.create` for what each one means."""
+    """Settings of one Gru. See :meth:`minions.Gru.create` for what each one means.
+
+    ``metrics`` ``False`` or ``None`` serves no endpoint. ``status_interval_s`` (how often the
+    systemd ``STATUS=`` line is refreshed) and ``pipeline_retry_s`` are not ``create`` arguments.
+    """
 
     state_store: Any = DEFAULT
     db_path: str | os.PathLike[str] = "minions.db"
     logger: LoggerLike | None = None
     log_file: str | os.PathLike[str] = "minions.log"
-    metrics: bool = True
+    metrics: bool | None = True
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = 8081
+    memory: MemoryThresholds | None = None
+    memory_interval_s: float = 0.5
     max_in_flight: int = 64
     grace_period_s: float = 10.0
     handle_signals: bool = True
     pipeline_retry_s: tuple[float, float] = (0.1, 30.0)
+    status_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         self._check_store()
@@ -52,14 +61,31 @@ class GruConfig:
         for name in ("db_path", "log_file"):
             if not isinstance(getattr(self, name), str | os.PathLike):
                 raise TypeError(f"{name} must be a path, got {type(getattr(self, name)).__name__}")
-        _check_bool("metrics", self.metrics)
+        if self.metrics is not None:
+            _check_bool("metrics", self.metrics)
         _check_bool("handle_signals", self.handle_signals)
+        if not isinstance(self.metrics_host, str):
+            raise TypeError(f"metrics_host must be a str, got {type(self.metrics_host).__name__}")
+        if not self.metrics_host.strip():
+            raise ValueError("metrics_host must name an address, e.g. 127.0.0.1 or 0.0.0.0")
         _check_int("metrics_port", self.metrics_port, 0, 65535)
+        if self.memory is not None and not isinstance(self.memory, MemoryThresholds):
+            raise TypeError(
+                "memory must be a minions.ops.memory.MemoryThresholds or None (defaults from the "
+                f"cgroup and host), got {type(self.memory).__name__}"
+            )
+        for name in ("memory_interval_s", "status_interval_s"):
+            if _check_seconds(name, getattr(self, name)) == 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         check_max_in_flight(self.max_in_flight)
         _check_seconds("grace_period_s", self.grace_period_s)
         first, cap = _check_pair("pipeline_retry_s", self.pipeline_retry_s)
         if first <= 0 or cap < first:
             raise ValueError("pipeline_retry_s must be (initial > 0, maximum >= initial)")
+
+    @property
+    def serves_metrics(self) -> bool:
+        return bool(self.metrics)
 
     def _check_store(self) -> None:
         store = self.state_store

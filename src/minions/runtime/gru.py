@@ -21,10 +21,12 @@ from typing import Any, Self
 
 from minions.errors import GruError
 from minions.ops.levels import MemoryLevel
+from minions.ops.memory import MemoryMonitor, MemoryThresholds
 from minions.resource import Resource
 from minions.runtime.composition import Composition, CompositionError, compose, import_path
 from minions.runtime.config import DEFAULT, GruConfig, check_max_in_flight
 from minions.runtime.log import DefaultLogger, LoggerLike, ids
+from minions.runtime.operations import Operations, resource_status
 from minions.runtime.orchestration import Orchestration
 from minions.runtime.pipeline import PipelineRunner
 from minions.runtime.resources import ResourceGraph, ResourceStartError
@@ -32,7 +34,6 @@ from minions.runtime.results import (
     GruState,
     GruStatus,
     OrchestrationState,
-    ResourceStatus,
     ShutdownResult,
     StartResult,
     StopResult,
@@ -79,7 +80,8 @@ class Gru:
         else:
             self.logger = config.logger
         self._lock = asyncio.Lock()
-        self._graph = ResourceGraph()
+        self._ops = Operations(config, self.logger, self.status, self.apply_memory_level)
+        self._graph = ResourceGraph(self._ops.prepare_resource)
         self._orchestrations: dict[str, _Running] = {}
         self._pipelines: dict[type, _PipelineSlot] = {}
         self._paused = False
@@ -101,26 +103,35 @@ class Gru:
         db_path: str = "minions.db",
         logger: LoggerLike | None = None,
         log_file: str = "minions.log",
-        metrics: bool = True,
+        metrics: bool | None = True,
+        metrics_host: str = "127.0.0.1",
         metrics_port: int = 8081,
+        memory: MemoryThresholds | None = None,
+        memory_interval_s: float = 0.5,
         max_in_flight: int = 64,
         grace_period_s: float = 10.0,
         handle_signals: bool = True,
     ) -> Self:
-        """Open the state store and return the process's single running Gru.
+        """Open the state store, start operations, and return the process's single running Gru.
 
         ``state_store`` omitted means SQLite at ``db_path``; ``None`` runs stateless (nothing
         survives a restart); any object implementing the ``StateStore`` protocol plugs in.
-        ``logger`` replaces the default rotating ``log_file``. ``metrics``/``metrics_port`` say
-        whether and where Prometheus metrics are served. ``max_in_flight`` bounds workflows per
-        orchestration (the backpressure point); ``grace_period_s`` is how long in-flight steps
-        may finish on shutdown (keep it under systemd's TimeoutStopSec, 90 s by default).
-        ``handle_signals`` installs the SIGTERM/SIGINT handlers (main thread only).
+        ``logger`` replaces the default rotating ``log_file``. Prometheus metrics are served at
+        ``http://metrics_host:metrics_port/metrics`` unless ``metrics`` is ``False``/``None``
+        (port 0 picks a free port, see :attr:`metrics_port`; a port that cannot be bound is
+        logged once and Gru runs on without it). ``memory`` sets the memory monitor's
+        thresholds (``None``: from the cgroup's limits and host memory), sampled every
+        ``memory_interval_s``. ``max_in_flight`` bounds workflows per orchestration (the
+        backpressure point); ``grace_period_s`` is how long in-flight steps may finish on
+        shutdown (keep it under systemd's TimeoutStopSec). ``handle_signals`` installs the
+        SIGTERM/SIGINT handlers (main thread only). With ``$NOTIFY_SOCKET`` set, Gru sends
+        ``READY=1`` before returning (see :mod:`minions.runtime.operations`).
         """
         global _live_gru
         config = GruConfig(
             state_store=state_store, db_path=db_path, logger=logger, log_file=log_file,
-            metrics=metrics, metrics_port=metrics_port, max_in_flight=max_in_flight,
+            metrics=metrics, metrics_host=metrics_host, metrics_port=metrics_port, memory=memory,
+            memory_interval_s=memory_interval_s, max_in_flight=max_in_flight,
             grace_period_s=grace_period_s, handle_signals=handle_signals,
         )  # fmt: skip
         if _live_gru is not None:
@@ -128,18 +139,21 @@ class Gru:
                 "a Gru is already running in this process; call `await gru.shutdown()` on it "
                 "before creating another (one Gru owns the process's signals and state)"
             )
-        store = _default_store(config) if state_store is DEFAULT else state_store
+        store = SQLiteStateStore(config.db_path) if state_store is DEFAULT else state_store
         gru = cls(config, store, _token=_CREATE_TOKEN)
         _live_gru = gru
         try:
             if store is not None:
                 await store.open()
+            gru._ops.start()
             gru._install_signal_handlers()
         except BaseException:
+            await gru._ops.stop()
             _live_gru = None
             gru._close_logger()
             raise
         gru.logger.info("gru started (store=%s)", type(store).__name__, **ids())
+        gru._ops.ready()
         return gru
 
     # --- orchestrations ----------------------------------------------------------------------
@@ -200,6 +214,7 @@ class Gru:
         orch.state = OrchestrationState.RUNNING
         self._orchestrations[orch.id] = _Running(orch, plan, runner)
         runner.subscribe(orch)
+        self._ops.update_status()
         self.logger.info(
             "orchestration started: %s -> %s (resumed %d)", import_path(comp.pipeline_cls),
             import_path(comp.minion_cls), resumed, **ids(orch.id),
@@ -304,6 +319,7 @@ class Gru:
             self.logger.error("resource shutdown failed: %s: %r", name, exc, **ids(orch.id))
         orch.state = OrchestrationState.STOPPED
         self._orchestrations.pop(orch.id, None)
+        self._ops.update_status()
         self.logger.info("orchestration stopped", **ids(orch.id))
         return errors
 
@@ -326,6 +342,7 @@ class Gru:
             return self._shutdown_result
         self.state = GruState.SHUTTING_DOWN
         self.logger.info("gru shutting down (grace %.1fs)", self.config.grace_period_s, **ids())
+        self._ops.begin_stop()
         cancelled, errors = 0, {}
         try:
             async with self._lock:
@@ -335,6 +352,7 @@ class Gru:
             self.logger.error("shutdown failed: %r", exc, exc_info=exc, **ids())
             errors["minions.runtime.gru:Gru"] = repr(exc)
         finally:
+            errors |= await self._ops.stop()
             await self._finish_shutdown()
             self._shutdown_result = ShutdownResult(not errors, errors, cancelled)
             self.logger.info(
@@ -459,31 +477,26 @@ class Gru:
 
     # --- status ------------------------------------------------------------------------------
 
+    @property
+    def metrics_port(self) -> int | None:
+        """The port ``/metrics`` is bound to (the real one with ``metrics_port=0``); ``None``
+        when metrics are off, the port could not be bound, or Gru has shut down."""
+        return self._ops.metrics.port if self._ops.metrics is not None else None
+
+    @property
+    def memory_monitor(self) -> MemoryMonitor:
+        """Gru's one monitor: subscribe to it, or read its ``level`` and ``last_sample``."""
+        return self._ops.monitor
+
     def status(self) -> GruStatus:
-        """Snapshot: orchestrations with in-flight counts, resources (pools flagged)."""
-        pool_type = _worker_pool_type()
-        resources = tuple(
-            ResourceStatus(
-                import_path(cls), refs, state.value, isinstance(instance, pool_type or ())
-            )
-            for cls, instance, refs, state in self._graph.snapshot()
-        )
+        """Snapshot: orchestrations with in-flight counts, resources (pools with workers alive),
+        memory level and the metrics URL."""
         return GruStatus(
             state=self.state,
             orchestrations=tuple(r.orchestration.status() for r in self._orchestrations.values()),
-            resources=resources,
+            resources=tuple(resource_status(*row) for row in self._graph.snapshot()),
             pipelines_paused=self._paused,
             durable=self._store is not None,
+            memory_level=self._ops.monitor.level,
+            metrics_url=self._ops.metrics_url,
         )
-
-
-def _default_store(config: GruConfig) -> StateStore:
-    return SQLiteStateStore(config.db_path)
-
-
-def _worker_pool_type() -> type | None:
-    try:
-        from minions.workers import WorkerPool
-    except ImportError:
-        return None
-    return WorkerPool

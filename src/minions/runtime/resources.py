@@ -5,14 +5,16 @@ with its class (``native: NativePool``). :meth:`ResourceGraph.plan` walks those 
 transitively and orders the classes so dependencies come first (a cycle is a
 :class:`CompositionError` naming it). Each orchestration acquires its whole plan: a resource
 starts on its first reference and shuts down, in reverse order, when its last one is released.
-Gru serializes acquire/release, so the graph needs no locking of its own.
+Gru serializes acquire/release, so the graph needs no locking of its own. ``prepare`` sees each
+new instance after its constructor and before its ``startup()``: Gru uses it to attach its memory
+monitor to worker pools, which must happen before they start.
 """
 
 from __future__ import annotations
 
 import enum
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,8 +64,9 @@ def resource_hints(cls: type) -> dict[str, type[Resource]]:
 class ResourceGraph:
     """Owns every resource instance Gru created; see the module docstring for the contract."""
 
-    def __init__(self) -> None:
+    def __init__(self, prepare: Callable[[Resource], None] | None = None) -> None:
         self._entries: dict[type[Resource], _Entry] = {}
+        self._prepare = prepare
 
     def plan(self, owners: Iterable[type]) -> list[type[Resource]]:
         """Resource classes ``owners`` need, transitively, dependencies before dependents."""
@@ -110,6 +113,8 @@ class ResourceGraph:
             instance = cls()
             entry = _Entry(instance=instance, deps=resource_hints(cls))
             self.inject(instance)
+            if self._prepare is not None:
+                self._prepare(instance)
             await instance.startup()
         except Exception as exc:
             RESOURCE_ERRORS.labels(cls.__name__, "startup").inc()

@@ -10,6 +10,8 @@ import enum
 
 import msgspec
 
+from minions.ops.levels import MemoryLevel
+
 
 class GruState(enum.Enum):
     RUNNING = "running"
@@ -64,10 +66,13 @@ class OrchestrationStatus(msgspec.Struct, frozen=True):
 
 
 class ResourceStatus(msgspec.Struct, frozen=True):
+    """One live resource; ``workers_alive`` counts a pool's serving workers (``None``: no pool)."""
+
     resource: str
     refs: int
     state: str
     is_pool: bool
+    workers_alive: int | None = None
 
 
 class GruStatus(msgspec.Struct, frozen=True):
@@ -78,3 +83,5 @@ class GruStatus(msgspec.Struct, frozen=True):
     resources: tuple[ResourceStatus, ...]
     pipelines_paused: bool
     durable: bool
+    memory_level: MemoryLevel = MemoryLevel.NORMAL
+    metrics_url: str | None = None  # None: metrics off, or the port could not be bound

@@ -1,0 +1,191 @@
+"""Gru's operational side: the memory monitor it acts on, ``/metrics``, and systemd's notify.
+
+Design note. Gru is the one owner of everything an operator or a supervisor sees of the process,
+so any launcher (``minions run``, a user's own ``asyncio.run(main())``, a test) is systemd-correct
+without doing anything itself:
+
+- one :class:`~minions.ops.memory.MemoryMonitor` per Gru; Gru pauses its pipelines at HIGH and
+  resumes them at NORMAL, and every :class:`~minions.workers.WorkerPool` Gru starts follows the
+  same monitor (attached before the pool's ``startup()``, so the pool's workers are measured from
+  their first call and no pool runs a monitor of its own);
+- the Prometheus endpoint (a bind failure is one logged error: Gru runs on without it);
+- sd_notify: ``READY=1`` when ``Gru.create`` returns, ``STATUS=`` whenever the one-line summary
+  changes (orchestration start/stop, a memory level change, and a refresh every
+  ``status_interval_s``), ``WATCHDOG=1`` from the event loop for Gru's whole life, ``STOPPING=1``
+  as shutdown begins. Every one of them is a cheap no-op without ``$NOTIFY_SOCKET``.
+
+Start order: monitor (a first sample, so pipelines and pools start at the right level), endpoint,
+watchdog, status refresher, ``READY=1``. Stop order (after Gru's resources and store are closed):
+monitor, endpoint, refresher, and the watchdog last, so systemd keeps hearing from a loop that is
+still busy shutting down until the very end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from minions.ops import sdnotify
+from minions.ops.levels import MemoryLevel
+from minions.ops.memory import MemoryMonitor, MemorySample
+from minions.ops.metrics_server import MetricsServer, MetricsServerError, start_metrics_server
+from minions.pool.pool import WorkerPool
+from minions.resource import Resource
+from minions.runtime.composition import import_path
+from minions.runtime.config import GruConfig
+from minions.runtime.log import LoggerLike, ids
+from minions.runtime.resources import ResourceState
+from minions.runtime.results import GruStatus, ResourceStatus
+
+_PAUSE_NOTE = {
+    MemoryLevel.NORMAL: "pipelines resumed",
+    MemoryLevel.HIGH: "pipelines paused, pools throttle",
+    MemoryLevel.CRITICAL: "pipelines paused, pools shed new calls",
+}
+
+
+class Operations:
+    """Owned by one Gru, on its loop; see the module note for what it runs and in which order."""
+
+    def __init__(
+        self,
+        config: GruConfig,
+        logger: LoggerLike,
+        status: Callable[[], GruStatus],
+        on_level: Callable[[MemoryLevel], None],
+    ) -> None:
+        self.config = config
+        self.monitor = MemoryMonitor(config.memory, interval_s=config.memory_interval_s)
+        self.watchdog = sdnotify.Watchdog()
+        self.metrics: MetricsServer | None = None
+        self._logger = logger
+        self._status = status
+        self._on_level = on_level
+        self._unsubscribe: Callable[[], None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._last_status = ""
+
+    @property
+    def metrics_url(self) -> str | None:
+        return self.metrics.url if self.metrics is not None else None
+
+    # --- start -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the monitor, the endpoint, the watchdog and the status refresher; called once
+        by ``Gru.create``, which then calls :meth:`ready` as its very last step."""
+        self.monitor.start()
+        self._unsubscribe = self.monitor.subscribe(self._level_changed)
+        self._on_level(self.monitor.level)  # the first sample may already be above NORMAL
+        self._serve_metrics()
+        self.watchdog.start()
+        if sdnotify.enabled():
+            self._refresher = asyncio.create_task(self._refresh(), name="minions-gru-status")
+
+    def ready(self) -> None:
+        """``READY=1`` with the first ``STATUS=``: ``systemctl start`` returns now."""
+        if self._refresher is not None:
+            self._last_status = self.summary()
+            sdnotify.ready(self._last_status)
+
+    def _serve_metrics(self) -> None:
+        if not self.config.serves_metrics:
+            return
+        host, port = self.config.metrics_host, self.config.metrics_port
+        try:
+            self.metrics = start_metrics_server(host, port)
+        except (MetricsServerError, OSError) as exc:  # OSError: an unresolvable host
+            self._logger.error("metrics disabled, Gru runs on without /metrics: %s", exc, **ids())
+            return
+        self._logger.info("serving Prometheus metrics at %s", self.metrics.url, **ids())
+
+    def prepare_resource(self, resource: Resource) -> None:
+        """Called by the resource graph between a resource's constructor and its ``startup()``:
+        a pool then follows Gru's monitor (its own ``memory`` thresholds, if any, are unused)."""
+        if isinstance(resource, WorkerPool):
+            resource.attach_memory_monitor(self.monitor)
+
+    # --- while running -----------------------------------------------------------------------
+
+    def _level_changed(self, level: MemoryLevel, _sample: MemorySample) -> None:
+        """Monitor callback, on the loop, once per transition (the monitor logs the measure)."""
+        self._on_level(level)
+        self._logger.info("memory pressure %s: %s", level.name, _PAUSE_NOTE[level], **ids())
+        self.update_status()
+
+    def update_status(self) -> None:
+        """Send ``STATUS=`` if the summary changed since the last one (no-op without systemd)."""
+        if self._refresher is None:
+            return
+        text = self.summary()
+        if text != self._last_status:
+            self._last_status = text
+            sdnotify.status(text)
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.status_interval_s)
+            self.update_status()
+
+    def summary(self) -> str:
+        return summary_line(self._status())
+
+    # --- stop --------------------------------------------------------------------------------
+
+    def begin_stop(self) -> None:
+        """Shutdown has begun: ``STOPPING=1`` with the summary, and no more periodic refresh."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            sdnotify.stopping(self.summary())
+
+    async def stop(self) -> dict[str, str]:
+        """Stop in the module note's order; idempotent. Errors are logged and returned."""
+        errors: dict[str, str] = {}
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        await self.monitor.stop()
+        server, self.metrics = self.metrics, None
+        if server is not None:
+            try:  # close() joins the serving thread: never on the loop
+                await asyncio.to_thread(server.close)
+            except Exception as exc:
+                self._logger.error("closing /metrics failed: %r", exc, exc_info=exc, **ids())
+                errors["minions.ops.metrics_server:MetricsServer"] = repr(exc)
+        refresher, self._refresher = self._refresher, None
+        if refresher is not None:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+        await self.watchdog.stop()
+        return errors
+
+
+def resource_status(
+    cls: type[Resource], instance: Resource, refs: int, state: ResourceState
+) -> ResourceStatus:
+    """One row of :meth:`Gru.status`; a pool also reports how many of its workers serve."""
+    if not isinstance(instance, WorkerPool):
+        return ResourceStatus(import_path(cls), refs, state.value, False)
+    snap = instance.snapshot()
+    alive = snap.workers_ready + snap.spares_ready
+    return ResourceStatus(import_path(cls), refs, state.value, True, alive)
+
+
+def summary_line(status: GruStatus) -> str:
+    """The one line ``systemctl status`` shows, e.g. ``running: 2 orchestrations, 13 workflows
+    in flight, 4 workers alive, memory NORMAL``."""
+    orchestrations = len(status.orchestrations)
+    in_flight = sum(o.in_flight for o in status.orchestrations)
+    workers = sum(r.workers_alive or 0 for r in status.resources)
+    parts = [
+        f"{status.state.value.replace('_', ' ')}: {orchestrations} orchestration"
+        + ("" if orchestrations == 1 else "s"),
+        f"{in_flight} workflows in flight",
+        f"{workers} workers alive",
+        f"memory {status.memory_level.name}",
+    ]
+    if status.pipelines_paused:
+        parts.append("pipelines paused")
+    return ", ".join(parts)
