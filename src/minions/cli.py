@@ -82,7 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 failed at run time, 2 configuration error.",
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_demo(commands)
+    _add_run(commands)
+    _add_workflows(commands)
+    commands.add_parser(
+        "worker",
+        help="serve a WorkerService (spawned by worker pools; not for interactive use)",
+        add_help=False,
+    )
+    return parser
 
+
+Subcommands = Any  # argparse's _SubParsersAction is private
+
+
+def _add_demo(commands: Subcommands) -> None:
     demo = commands.add_parser(
         "demo",
         help="watch workflows survive real segfaults, aborts and hangs (no setup needed)",
@@ -105,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the work sizes (default: 0)")
     demo.set_defaults(handler=_cmd_demo)
 
+
+def _add_run(commands: Subcommands) -> None:
     run = commands.add_parser(
         "run",
         help="run a launch coroutine under Gru (what systemd's ExecStart uses)",
@@ -117,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "path/to/app.py:function; an `async def` taking no arguments")  # fmt: skip
     run.set_defaults(handler=_cmd_run)
 
+
+def _add_workflows(commands: Subcommands) -> None:
     workflows = commands.add_parser(
         "workflows",
         help="list saved unfinished workflows (safe while Gru runs)",
@@ -127,13 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
                            help="state database (default: ./minions.db)")  # fmt: skip
     workflows.add_argument("--json", action="store_true", help="one JSON object per line")
     workflows.set_defaults(handler=_cmd_workflows)
-
-    commands.add_parser(
-        "worker",
-        help="serve a WorkerService (spawned by worker pools; not for interactive use)",
-        add_help=False,
-    )
-    return parser
 
 
 # --- option types -------------------------------------------------------------------------

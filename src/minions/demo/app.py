@@ -141,7 +141,8 @@ class DemoPool(WorkerPool):
     ``poison_ttl_s = 0``: every injected fault is a distinct event meant to reach a worker, so
     the fail-fast quarantine (60 s by default) is off. ``call_timeout_s = 1``: hangs die fast.
     ``restart_intensity = 30``: the default fault rate never opens the circuit; high rates do,
-    and the minion then waits for it to close.
+    and the minion then waits for it to close. ``restart_backoff_max_s = 1``: back-to-back
+    crashes delay respawns by at most a second (5 s by default), so ``--fault-rate 1`` moves.
     """
 
     service = "native_demo.service:NativeDemo"
@@ -152,6 +153,7 @@ class DemoPool(WorkerPool):
     poison_ttl_s = 0.0
     restart_intensity = 30
     restart_period_s = 10.0
+    restart_backoff_max_s = 1.0
     shutdown_grace_s = 5.0
 
     def __init__(self) -> None:
