@@ -241,3 +241,20 @@ def test_run_exits_1_when_the_launch_function_raises(tmp_path, notify_socket):
     notify_socket.wait_for("STOPPING=1", timeout=5)
     # minions run never declared the service ready: its launch function did not finish.
     assert not any("orchestration running" in m for m in notify_socket.received)
+
+
+def test_run_logs_with_syslog_priorities_when_stderr_is_the_journal(tmp_path):
+    (tmp_path / "launch.py").write_text(LAUNCH)
+    journal = tmp_path / "journal.txt"
+    with journal.open("w") as stream:
+        stat = os.fstat(stream.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}"}
+        result = subprocess.run(
+            [*MINIONS, "run", "launch.py:crash"], cwd=tmp_path, env=env,
+            stdout=subprocess.PIPE, stderr=stream, text=True, timeout=20,
+        )  # fmt: skip
+    assert result.returncode == 1
+    lines = journal.read_text().splitlines()
+    assert any(line.startswith("<6>level=INFO") for line in lines)  # journald stamps time
+    assert any(line.startswith("<3>level=ERROR") and "boom in launch" in line for line in lines)
+    assert not any(line.startswith("ts=") for line in lines)
