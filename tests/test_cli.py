@@ -211,23 +211,30 @@ def _start_run(tmp_path: Path, target: str, notify: NotifySocket) -> subprocess.
 
 
 @pytest.mark.parametrize("target", ["launch.py", "launch:main"])
-def test_run_notifies_ready_then_stops_cleanly_on_sigterm(tmp_path, notify_socket, target):
+def test_run_serves_until_sigterm_then_exits_0_leaving_no_child(tmp_path, notify_socket, target):
     proc = _start_run(tmp_path, target, notify_socket)
     try:
-        # minions run's own READY=1 comes after the launch function returned, with its status.
-        notify_socket.wait_for("READY=1", "STATUS=1 orchestration running")
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # until the launch function has returned
+            seen.append(line)
+            if "serving until SIGTERM" in line:
+                break
+        assert "1 orchestration(s) running" in seen[-1], "".join(seen)
+        notify_socket.wait_for("READY=1")  # systemd hears from Gru under minions run
         workers = psutil.Process(proc.pid).children(recursive=True)
         assert workers, "the orchestration's pool should have a worker process"
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=20)
+        _, rest = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    stderr = "".join(seen) + rest
     assert proc.returncode == 0, stderr
     notify_socket.wait_for("STOPPING=1", timeout=5)
     assert "Traceback" not in stderr
-    assert "SIGTERM received: shutting down" in stderr  # Gru's log reached stderr too
+    assert "SIGTERM received: shutting down" in stderr  # Gru's own log reached stderr too
     _, alive = psutil.wait_procs(workers, timeout=5)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
     assert (tmp_path / "minions.db").exists()  # the launch's default durable store, in its cwd
@@ -238,9 +245,8 @@ def test_run_exits_1_when_the_launch_function_raises(tmp_path, notify_socket):
     _, stderr = proc.communicate(timeout=20)
     assert proc.returncode == 1
     assert "RuntimeError: boom in launch" in stderr
-    notify_socket.wait_for("STOPPING=1", timeout=5)
-    # minions run never declared the service ready: its launch function did not finish.
-    assert not any("orchestration running" in m for m in notify_socket.received)
+    notify_socket.wait_for("STOPPING=1", timeout=5)  # Gru was shut down, not abandoned
+    assert "serving until SIGTERM" not in stderr
 
 
 def test_run_logs_with_syslog_priorities_when_stderr_is_the_journal(tmp_path):

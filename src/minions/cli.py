@@ -7,10 +7,12 @@ the units list in ``RestartPreventExitStatus`` because restarting cannot fix it.
 configuration error is one line on stderr and never a traceback.
 
 ``minions run`` is what ``ExecStart`` runs. It imports the launch coroutine, awaits it (it
-creates a Gru and starts orchestrations), says ``READY=1``, then waits while Gru serves; Gru's
-own SIGTERM handler shuts it down gracefully; ``minions run`` says ``STOPPING=1`` once that has
-ended and exits with its outcome. Gru itself sends ``STOPPING=1`` as shutdown begins, the
-``STATUS=`` lines and the watchdog pings (``minions.runtime.operations``).
+creates a Gru and starts orchestrations), then waits until Gru has shut down (Gru's own
+SIGTERM/SIGINT handler does that gracefully) and exits with the outcome. It sends no systemd
+notifications itself: Gru is their one sender, whoever launched it (``READY=1`` as
+``Gru.create`` returns, ``STATUS=``, the watchdog, ``STOPPING=1`` as shutdown begins; see
+``minions.runtime.operations``). What the CLI adds is the environment (``MINIONS_LOG_LEVEL``,
+logging to stderr in journald's format under systemd) and one-line configuration errors.
 """
 
 from __future__ import annotations
@@ -387,40 +389,24 @@ def _describe(exc: BaseException) -> str:
 
 async def _supervise(launch: LaunchFn, target: str) -> int:
     """Await the launch function, then serve until Gru has shut down; return the exit code."""
-    from minions.ops import sdnotify
-
     try:
         returned = await launch()
     except Exception as exc:
         log.error("%s raised, shutting down: %r", target, exc, exc_info=exc)
         gru = _live_gru()
         if gru is not None:
-            sdnotify.stopping(f"{target} raised {type(exc).__name__}")
             await gru.shutdown()
         return EXIT_FAILED
     gru = returned if _is_gru(returned) else _live_gru()
     if gru is None:
         log.info("%s returned and no Gru is running: nothing to supervise", target)
         return EXIT_OK
-    return await _serve(gru, target)
-
-
-async def _serve(gru: Any, target: str) -> int:
-    """READY=1 now that the launch function has started everything; wait for the shutdown a
-    signal (Gru's handler) or the application begins; exit code from its outcome."""
-    from minions import GruState
-    from minions.ops import sdnotify
-
-    if gru.state is GruState.RUNNING:
-        running = len(gru.status().orchestrations)
-        if not running:
-            log.warning("%s returned without starting an orchestration", target)
-        status = f"{running} orchestration{'s' * (running != 1)} running"
-        sdnotify.ready(status)
-        log.info("%s returned, %s; serving until SIGTERM", target, status)
-    await gru.wait_closed()
+    running = len(gru.status().orchestrations)
+    if not running:
+        log.warning("%s returned without starting an orchestration", target)
+    log.info("%s returned, %d orchestration(s) running; serving until SIGTERM", target, running)
+    await gru.wait_closed()  # Gru's SIGTERM/SIGINT handler, or the application, shut it down
     result = await gru.shutdown()  # idempotent: the outcome of the shutdown that just ended
-    sdnotify.stopping("stopped" if result.success else "stopped with errors")
     if not result.success:
         log.error("shutdown finished with errors: %s", result.errors)
         return EXIT_FAILED
