@@ -23,7 +23,6 @@ from minions import Gru, GruState
 from minions.demo.accounting import Counts, read_counts
 from minions.demo.app import DemoMinion, DemoPipeline, DemoPool, DemoRun, DemoSettings, activate
 from minions.demo.progress import FAULT_NAMES, ProgressLine, progress_text, summary_lines
-from minions.ops.metrics_server import MetricsServer, MetricsServerError, start_metrics_server
 from minions.runtime.composition import orchestration_id
 from minions.runtime.log import StructuredFormatter
 
@@ -38,8 +37,7 @@ async def run_demo(settings: DemoSettings, out: TextIO, *, tty: bool) -> int:
     run = DemoRun(settings)
     with _logging_to(log_path) as logger, activate(run):
         _print_header(settings, out, log_path)
-        with _metrics_endpoint(settings, out, logger):
-            code = await _drive(run, logger, out, tty, log_path)
+        code = await _drive(run, logger, out, tty, log_path)
     if code == 0:
         shutil.rmtree(workdir, ignore_errors=True)
     return code
@@ -52,10 +50,12 @@ async def _drive(
     oid = orchestration_id(DemoPipeline, DemoMinion, None)
     base = read_counts(oid, DemoPool.__name__)
     gru = await Gru.create(
-        state_store=None, logger=logger, metrics=False,
-        max_in_flight=settings.max_in_flight, grace_period_s=_GRACE_S,
+        state_store=None, logger=logger, metrics_host=settings.metrics_host,
+        metrics_port=settings.metrics_port, max_in_flight=settings.max_in_flight,
+        grace_period_s=_GRACE_S,
     )  # fmt: skip
     try:
+        _print_metrics(gru, settings, out)
         started = await gru.start_orchestration(DemoPipeline, DemoMinion)
         if not started.success:
             out.write(f"minions demo: the orchestration did not start: {started.reason}\n")
@@ -114,25 +114,14 @@ def _print_header(settings: DemoSettings, out: TextIO, log_path: Path) -> None:
     out.flush()
 
 
-@contextlib.contextmanager
-def _metrics_endpoint(
-    settings: DemoSettings, out: TextIO, logger: logging.Logger
-) -> Iterator[MetricsServer | None]:
-    """Serve ``/metrics`` while the demo runs; a busy port costs the endpoint, not the demo."""
-    try:
-        server = start_metrics_server(settings.metrics_host, settings.metrics_port)
-    except MetricsServerError as exc:
-        logger.error("%s", exc)
-        out.write(f"  metrics     not served: {exc}\n")
-        out.flush()
-        yield None
-        return
-    out.write(f"  metrics     {server.url}\n")
+def _print_metrics(gru: Gru, settings: DemoSettings, out: TextIO) -> None:
+    """Gru serves ``/metrics`` as in production; a busy port costs the endpoint, not the demo."""
+    url = gru.status().metrics_url
+    if url is None:
+        where = f"{settings.metrics_host}:{settings.metrics_port}"
+        url = f"not served: {where} could not be bound (in use?), the demo goes on without it"
+    out.write(f"  metrics     {url}\n")
     out.flush()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @contextlib.contextmanager
