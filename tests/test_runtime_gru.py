@@ -42,12 +42,12 @@ def test_calling_gru_directly_names_create():
 
 def test_one_live_gru_per_process_and_a_new_one_after_shutdown():
     async def main():
-        first = await Gru.create(state_store=None)
+        first = await Gru.create(state_store=None, metrics=False)
         with pytest.raises(GruError, match="already running"):
-            await Gru.create(state_store=None)
+            await Gru.create(state_store=None, metrics=False)
         result = await first.shutdown()
         assert result.success and first.state is GruState.CLOSED
-        second = await Gru.create(state_store=None)
+        second = await Gru.create(state_store=None, metrics=False)
         assert (await second.shutdown()).success
 
     run(main())
@@ -72,7 +72,7 @@ def test_bad_arguments_raise_and_leave_no_gru(kwargs, error, match):
     async def main():
         with pytest.raises(error, match=match):
             await Gru.create(**kwargs)
-        gru = await Gru.create(state_store=None)  # the failed create did not hold the slot
+        gru = await Gru.create(state_store=None, metrics=False)  # the failed create freed the slot
         await gru.shutdown()
 
     run(main())

@@ -64,6 +64,13 @@ class App:
             time.sleep(0.01)  # polling a file for a condition, not a timing assumption
         pytest.fail(f"timed out waiting for {what}; effects: {len(self.lines())} lines")
 
+    def wait_started(self) -> None:
+        """Wait for the app's marker: Gru is created and its signal handlers are installed."""
+        marker = Path(str(self.effects) + ".started")
+        self.wait_until(
+            lambda _: marker.exists() and marker.read_text() == str(self.proc.pid), "Gru started"
+        )
+
     def workers(self) -> list[psutil.Process]:
         return psutil.Process(self.proc.pid).children(recursive=True)
 
@@ -103,6 +110,7 @@ def test_sigterm_exits_zero_within_grace_keeping_checkpoints(tmp_path):
     # The kept checkpoints resume: step a (interrupted) runs again, then b; nothing is left.
     app = App(tmp_path, APP_MINION="hang", APP_HANG="0", APP_EVENTS="3", APP_GRACE=str(grace))
     app.wait_until(lambda lines: sum(step == "b" for _, step, _ in lines) == 3, "resume")
+    app.wait_started()
     app.proc.send_signal(signal.SIGTERM)
     assert app.proc.wait(timeout=grace + 20) == 0, app.stderr()
     assert read_workflows(tmp_path / "minions.db") == []
@@ -128,6 +136,7 @@ def test_kill_9_loses_nothing_and_reruns_only_the_interrupted_step(tmp_path, kil
     app = App(tmp_path, **settings)
     done = lambda lines: len({seq for seq, s, _ in lines if s == "c"}) == jobs  # noqa: E731
     app.wait_until(done, "every job done")
+    app.wait_started()  # the last kills may leave nothing to do: do not SIGTERM a booting app
     app.proc.send_signal(signal.SIGTERM)
     assert app.proc.wait(timeout=30) == 0, app.stderr()
     assert read_workflows(db) == [] and integrity(db) == "ok"

@@ -111,6 +111,7 @@ async def main() -> int:
         db_path=os.environ["APP_DB"],
         grace_period_s=float(os.environ.get("APP_GRACE", "10")),
         max_in_flight=int(os.environ.get("APP_IN_FLIGHT", "4")),
+        metrics=False,
     )
     minion = {"work": WorkMinion, "hang": HangMinion}[os.environ["APP_MINION"]]
     result = await gru.start_orchestration(JobPipeline, minion)
@@ -118,6 +119,9 @@ async def main() -> int:
         print(f"start failed: {result.reason}", file=sys.stderr)
         await gru.shutdown()
         return 2
+    # Tell the test Gru is up (signal handlers installed) before it may send SIGTERM.
+    with open(os.environ["APP_EFFECTS"] + ".started", "w") as marker:
+        marker.write(str(os.getpid()))
     await gru.wait_closed()
     shutdown = await gru.shutdown()  # idempotent: the result of the signal-driven shutdown
     print(f"shutdown: {shutdown}", file=sys.stderr)

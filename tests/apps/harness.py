@@ -56,6 +56,7 @@ def use_harness() -> Harness:
 async def running_gru(**kwargs: object) -> AsyncIterator[Gru]:
     """A Gru that is always shut down, even when the test fails."""
     kwargs.setdefault("state_store", None)
+    kwargs.setdefault("metrics", False)  # tests never fight over port 8081
     gru = await Gru.create(**kwargs)
     try:
         yield gru
