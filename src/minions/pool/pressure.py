@@ -7,6 +7,7 @@ pool's workers and calls :meth:`WorkerPool.apply_memory_level` once per level ch
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,8 @@ from minions.ops.memory import MemoryMonitor, MemorySample
 
 if TYPE_CHECKING:
     from minions.pool.pool import WorkerPool
+
+log = logging.getLogger("minions.pool")
 
 _UNLIMITED = 1 << 30
 
@@ -30,6 +33,11 @@ class MemoryPressure:
         self._undo: list[Callable[[], None]] = []
 
     def attach(self, monitor: MemoryMonitor) -> None:
+        if self.pool.config.memory is not None:
+            log.warning(
+                "pool %s: its own memory thresholds are ignored; it follows Gru's monitor",
+                self.pool.name,
+            )
         self._monitor, self._owned = monitor, False
 
     def throttle(self) -> tuple[int, int]:
