@@ -339,3 +339,28 @@ def test_shared_resource_instance_is_the_same_object():
             assert isinstance(api.cache, Cache)
 
     run(main())
+
+
+def test_metrics_address_comes_from_the_environment_when_omitted(monkeypatch):
+    from minions.runtime.config import metrics_address
+
+    monkeypatch.delenv("MINIONS_METRICS_HOST", raising=False)
+    monkeypatch.delenv("MINIONS_METRICS_PORT", raising=False)
+    assert metrics_address(None, None) == ("127.0.0.1", 8081)
+    monkeypatch.setenv("MINIONS_METRICS_HOST", "0.0.0.0")
+    monkeypatch.setenv("MINIONS_METRICS_PORT", "8083")
+    assert metrics_address(None, None) == ("0.0.0.0", 8083)
+    assert metrics_address("::1", 9000) == ("::1", 9000)  # explicit arguments win
+    monkeypatch.setenv("MINIONS_METRICS_PORT", "eighty")
+    with pytest.raises(ValueError, match="MINIONS_METRICS_PORT"):
+        metrics_address(None, None)
+
+
+def test_current_names_the_live_gru():
+    async def main():
+        assert Gru.current() is None
+        async with running_gru() as gru:
+            assert Gru.current() is gru
+        assert Gru.current() is None
+
+    run(main())

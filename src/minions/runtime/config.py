@@ -128,3 +128,17 @@ def _check_pair(name: str, value: object) -> tuple[float, float]:
     if not isinstance(value, tuple) or len(value) != 2:
         raise TypeError(f"{name} must be a (initial, maximum) tuple of seconds")
     return _check_seconds(name, value[0]), _check_seconds(name, value[1])
+
+
+def metrics_address(host: str | None, port: int | None) -> tuple[str, int]:
+    """Fill an omitted metrics host/port from ``$MINIONS_METRICS_HOST``/``$MINIONS_METRICS_PORT``
+    (how ``minions@.service`` gives each shard its own port), else 127.0.0.1:8081."""
+    if host is None:
+        host = os.environ.get("MINIONS_METRICS_HOST") or "127.0.0.1"
+    if port is None:
+        raw = os.environ.get("MINIONS_METRICS_PORT") or "8081"
+        try:
+            port = int(raw)
+        except ValueError:
+            raise ValueError(f"$MINIONS_METRICS_PORT must be a port number, got {raw!r}") from None
+    return host, port

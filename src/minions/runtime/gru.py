@@ -24,7 +24,7 @@ from minions.ops.levels import MemoryLevel
 from minions.ops.memory import MemoryMonitor, MemoryThresholds
 from minions.resource import Resource
 from minions.runtime.composition import Composition, CompositionError, compose, import_path
-from minions.runtime.config import DEFAULT, GruConfig, check_max_in_flight
+from minions.runtime.config import DEFAULT, GruConfig, check_max_in_flight, metrics_address
 from minions.runtime.log import DefaultLogger, LoggerLike, ids
 from minions.runtime.operations import Operations, resource_status
 from minions.runtime.orchestration import Orchestration
@@ -104,8 +104,8 @@ class Gru:
         logger: LoggerLike | None = None,
         log_file: str = "minions.log",
         metrics: bool | None = True,
-        metrics_host: str = "127.0.0.1",
-        metrics_port: int = 8081,
+        metrics_host: str | None = None,
+        metrics_port: int | None = None,
         memory: MemoryThresholds | None = None,
         memory_interval_s: float = 0.5,
         max_in_flight: int = 64,
@@ -118,8 +118,10 @@ class Gru:
         survives a restart); any object implementing the ``StateStore`` protocol plugs in.
         ``logger`` replaces the default rotating ``log_file``. Prometheus metrics are served at
         ``http://metrics_host:metrics_port/metrics`` unless ``metrics`` is ``False``/``None``
-        (port 0 picks a free port, see :attr:`metrics_port`; a port that cannot be bound is
-        logged once and Gru runs on without it). ``memory`` sets the memory monitor's
+        (``None`` host/port: ``$MINIONS_METRICS_HOST``/``$MINIONS_METRICS_PORT``, else
+        127.0.0.1 and 8081, so sharded units set them per instance; port 0 picks a free port,
+        see :attr:`metrics_port`; a port that cannot be bound is logged once and Gru runs on
+        without it). ``memory`` sets the memory monitor's
         thresholds (``None``: from the cgroup's limits and host memory), sampled every
         ``memory_interval_s``. ``max_in_flight`` bounds workflows per orchestration (the
         backpressure point); ``grace_period_s`` is how long in-flight steps may finish on
@@ -128,6 +130,7 @@ class Gru:
         ``READY=1`` before returning (see :mod:`minions.runtime.operations`).
         """
         global _live_gru
+        metrics_host, metrics_port = metrics_address(metrics_host, metrics_port)
         config = GruConfig(
             state_store=state_store, db_path=db_path, logger=logger, log_file=log_file,
             metrics=metrics, metrics_host=metrics_host, metrics_port=metrics_port, memory=memory,
@@ -155,6 +158,11 @@ class Gru:
         gru.logger.info("gru started (store=%s)", type(store).__name__, **ids())
         gru._ops.ready()
         return gru
+
+    @classmethod
+    def current(cls) -> Gru | None:
+        """The process's running Gru, if any (launchers such as ``minions run`` use this)."""
+        return _live_gru
 
     # --- orchestrations ----------------------------------------------------------------------
 

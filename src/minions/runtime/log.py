@@ -65,7 +65,8 @@ class DefaultLogger:
         )
         self.handler.setFormatter(StructuredFormatter())
         self.logger = logging.getLogger(DEFAULT_LOGGER_NAME)
-        self.logger.setLevel(level)
+        if self.logger.level == logging.NOTSET:  # a level set by the launcher wins
+            self.logger.setLevel(level)
         self.logger.propagate = False
         self.logger.addHandler(self.handler)
 
