@@ -12,9 +12,8 @@ import zlib
 from typing import Any
 
 import pytest
-from conftest import run
-from pools import DemoPool, RetryPool, SparePool
 
+from conftest import run
 from minions.errors import (
     CallTimeout,
     PoisonCall,
@@ -22,6 +21,7 @@ from minions.errors import (
     WorkerCrashed,
 )
 from minions.ops import metrics
+from pools import DemoPool, RetryPool, SparePool
 
 CASES: list[tuple[str, tuple[Any, ...], type[BaseException], dict[str, Any]]] = [
     ("fail", ("boom",), RemoteError, {"kind": "exception", "type_name": "ValueError"}),

@@ -11,11 +11,11 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import run
-from pools import SERVICE
 
+from conftest import run
 from minions.errors import CallTimeout, RemoteError, WorkerCrashed
 from minions.workers import WorkerPool
+from pools import SERVICE
 
 
 class ChaosPool(WorkerPool):
