@@ -14,3 +14,20 @@ class BrokenSetup(WorkerService):
     @expose
     def ping(self, x: int) -> int:
         return x
+
+
+class SlowBoot(WorkerService):
+    """A service whose device never answers during setup()."""
+
+    def setup(self) -> None:
+        import time
+
+        time.sleep(3600)
+
+
+class Liar(WorkerService):
+    """A handler that returns something other than what it declares."""
+
+    @expose
+    def answer(self) -> int:
+        return "forty-two"  # type: ignore[return-value]

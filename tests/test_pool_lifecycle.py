@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from conftest import run
-from minions.errors import Overloaded, PoolUnavailable, WorkerCrashed
+from minions.errors import Overloaded, PoolUnavailable, RemoteError, WorkerCrashed
 from minions.ops import metrics
 from minions.workers import Circuit, MemoryLevel, PoolConfig, WorkerPool
 from pools import SERVICE, BadServicePool, DemoPool
@@ -234,5 +234,34 @@ def test_workers_volunteer_for_the_oom_killer_before_gru() -> None:
                     assert int(f.read()) == 500
             with open("/proc/self/oom_score_adj") as f:
                 assert int(f.read()) < 500
+
+    run(scenario())
+
+
+def test_setup_that_hangs_fails_startup_after_boot_timeout_and_leaves_nothing() -> None:
+    class Hanging(WorkerPool):
+        service = "services:SlowBoot"
+        workers = 1
+        boot_timeout_s = 1.0
+
+    async def scenario() -> None:
+        pool = Hanging()
+        with pytest.raises(PoolUnavailable, match="boot_timeout_s"):
+            await pool.startup()
+        assert pool.worker_pids() == []
+
+    run(scenario())
+
+
+def test_result_that_breaks_the_declared_type_is_a_remote_error() -> None:
+    class Lying(WorkerPool):
+        service = "services:Liar"
+        workers = 1
+
+    async def scenario() -> None:
+        async with Lying() as pool:
+            with pytest.raises(RemoteError) as info:
+                await pool.call("answer")
+            assert info.value.kind == "invalid-result"
 
     run(scenario())

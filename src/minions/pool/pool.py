@@ -174,7 +174,14 @@ class WorkerPool(Resource):
         try:
             self._channel.open()
             self._supervisor.spawn_missing()
-            await self._supervisor.wait_booted()
+            try:
+                await asyncio.wait_for(self._supervisor.wait_booted(), self.config.boot_timeout_s)
+            except TimeoutError:
+                raise PoolUnavailable(
+                    self.name,
+                    f"workers of {self.config.service!r} did not finish setup() within "
+                    f"boot_timeout_s={self.config.boot_timeout_s:g}s",
+                ) from None
         except BaseException:
             await self.shutdown()
             raise
