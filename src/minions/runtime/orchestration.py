@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,7 @@ class Orchestration:
             for index in range(workflow.step_index, len(self._steps)):
                 if self._store is not None:
                     await self._checkpoint(workflow, index)
+                    workflow.saved = True
                     if self._draining:
                         return Outcome.PARKED
                 started = time.perf_counter()
@@ -229,14 +231,15 @@ class Orchestration:
             return Outcome.FAILED
         return Outcome.SUCCEEDED
 
-    async def _checkpoint(self, workflow: _Workflow, index: int) -> None:
+    def _checkpoint(self, workflow: _Workflow, index: int) -> Awaitable[None]:
+        """The save before step ``index``, for the caller to await. A plain call, not a
+        coroutine: every waiting workflow then holds one coroutine fewer for the GC to scan."""
         assert self._store is not None
         record = WorkflowRecord(  # positional: this runs before every step
             self.id, workflow.workflow_id, workflow.event_bytes,
             self._encoder.encode(workflow.context), index, workflow.created_at, time.time(),
         )  # fmt: skip
-        await self._store.save(record)
-        workflow.saved = True
+        return self._store.save(record)
 
     async def _forget(self, workflow: _Workflow) -> None:
         assert self._store is not None

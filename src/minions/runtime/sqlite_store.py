@@ -291,7 +291,14 @@ _Op = Write | _Call | _Stop
 class GroupCommitWriter:
     """The single writer thread; see the module note. Fed from the event loop, never blocks it."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, max_batch: int) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        max_batch: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.loop = loop  # the loop whose futures writes settle
         self._conn = conn
         self._path = path
         self._max_batch = max_batch

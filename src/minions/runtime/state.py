@@ -143,6 +143,7 @@ class SQLiteStateStore:
     live Gru holds, that is corrupt or not a database, or that has a newer schema. A save or
     delete whose commit fails (disk full, I/O error) raises :class:`StateStoreError`; the
     writer keeps going. A save whose awaiting task is cancelled may still become durable.
+    Saves and deletes belong to the event loop that opened the store.
     """
 
     def __init__(
@@ -172,7 +173,9 @@ class SQLiteStateStore:
                 return
             db = await asyncio.to_thread(_sql.open_database, self.path)
             self._db = db
-            self._writer = _sql.GroupCommitWriter(db.writer, self.path, self._max_batch)
+            self._writer = _sql.GroupCommitWriter(
+                db.writer, self.path, self._max_batch, asyncio.get_running_loop()
+            )
             self._writer.start()
 
     async def save(self, record: WorkflowRecord) -> None:
@@ -188,8 +191,9 @@ class SQLiteStateStore:
         A plain function, not a coroutine: every suspended checkpoint keeps its coroutine
         objects alive for a whole commit, and each one is work for the cyclic GC.
         """
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._require_writer().submit(_sql.Write(key, row, future))
+        writer = self._require_writer()
+        future: asyncio.Future[None] = writer.loop.create_future()  # get_running_loop: a syscall
+        writer.submit(_sql.Write(key, row, future))
         return future
 
     async def load(self, orchestration_id: str) -> list[WorkflowRecord]:
