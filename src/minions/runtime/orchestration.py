@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import itertools
 import os
 import sys
@@ -34,7 +35,7 @@ from minions.runtime.composition import Composition, import_path
 from minions.runtime.log import LoggerLike, ids
 from minions.runtime.minion import CURRENT_WORKFLOW, Minion, WorkflowScope
 from minions.runtime.results import OrchestrationState, OrchestrationStatus
-from minions.runtime.state import StateStore, WorkflowRecord
+from minions.runtime.state import SQLiteStateStore, StateStore, WorkflowRecord
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 _LIBRARY_DIRS = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
@@ -76,6 +77,7 @@ class Orchestration:
         self.max_in_flight = max_in_flight
         self.counts = {outcome: 0 for outcome in Outcome}
         self._store = store
+        self._delete_nowait = store.delete_nowait if isinstance(store, SQLiteStateStore) else None
         self._logger = logger
         self._steps = [getattr(minion, name) for name in composition.steps]
         self._tasks: set[asyncio.Task[None]] = set()
@@ -206,7 +208,10 @@ class Orchestration:
             return
         self._lifecycle[outcome.value].inc()
         if workflow.saved:
-            await self._forget(workflow)
+            if self._delete_nowait is None:
+                await self._forget(workflow)
+            else:
+                self._forget_soon(workflow.workflow_id)
 
     async def _run_steps(self, workflow: _Workflow) -> Outcome:
         index = workflow.step_index
@@ -246,10 +251,29 @@ class Orchestration:
         try:
             await self._store.delete(self.id, workflow.workflow_id)
         except Exception as exc:
-            self._logger.error(
-                "could not delete the finished workflow's checkpoint (it will re-run its last "
-                "step on resume): %r", exc, exc_info=exc, **ids(self.id, workflow.workflow_id),
-            )  # fmt: skip
+            self._log_forget_failure(workflow.workflow_id, exc)
+
+    def _forget_soon(self, workflow_id: str) -> None:
+        """Queue the delete and end the workflow without waiting for its commit.
+
+        Waiting would buy nothing: a crash before the commit re-runs the last step, exactly as
+        a crash just before the delete does. It saves every workflow a third suspension and
+        keeps its objects from outliving a whole commit. A failure is still logged, and the
+        store's loads queue behind the delete, so a restarted orchestration never sees it.
+        """
+        assert self._delete_nowait is not None
+        future = self._delete_nowait(self.id, workflow_id)
+        future.add_done_callback(functools.partial(self._on_forgotten, workflow_id))
+
+    def _on_forgotten(self, workflow_id: str, future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and (exc := future.exception()) is not None:
+            self._log_forget_failure(workflow_id, exc)
+
+    def _log_forget_failure(self, workflow_id: str, exc: BaseException) -> None:
+        self._logger.error(
+            "could not delete the finished workflow's checkpoint (it will re-run its last "
+            "step on resume): %r", exc, exc_info=exc, **ids(self.id, workflow_id),
+        )  # fmt: skip
 
     def _log_failure(self, workflow: _Workflow, index: int, exc: Exception) -> None:
         filename, lineno = user_frame(exc)

@@ -8,10 +8,10 @@ power loss, not merely a process crash: SQLite in WAL mode with ``synchronous=FU
 An fsync costs milliseconds, and a busy Gru has hundreds of workflows checkpointing at once.
 So writes never run on the event loop and never one fsync each: every save and delete is
 queued to one writer thread that commits whatever has piled up as a single transaction
-(group commit; see ``sqlite_store``) and then wakes all of their awaiting tasks. Reads go through
-their own read-only WAL connection in a worker thread instead of the writer's queue: they
-are rare (orchestration start, CLI), see every committed save, and should not wait behind
-an fsync or delay one.
+(group commit; see ``sqlite_store``) and then wakes all of their awaiting tasks. Reads are rare
+(orchestration start, CLI): one waits for the writes queued before it (so a delete nobody
+waited for is never read back), then reads through its own read-only WAL connection in a
+worker thread, never delaying a commit.
 """
 
 from __future__ import annotations
@@ -185,6 +185,14 @@ class SQLiteStateStore:
     async def delete(self, orchestration_id: str, workflow_id: str) -> None:
         await self._submit((orchestration_id, workflow_id), None)
 
+    def delete_nowait(self, orchestration_id: str, workflow_id: str) -> asyncio.Future[None]:
+        """Queue a delete; the returned future settles (or fails) once it is committed.
+
+        For a caller with nothing to do after the delete (Gru ending a workflow). Loads queue
+        behind it, so they never see the record again.
+        """
+        return self._submit((orchestration_id, workflow_id), None)
+
     def _submit(self, key: _sql.Key, row: _sql.Row | None) -> asyncio.Future[None]:
         """Queue one write and return the future the writer settles after its commit.
 
@@ -197,11 +205,11 @@ class SQLiteStateStore:
         return future
 
     async def load(self, orchestration_id: str) -> list[WorkflowRecord]:
-        self._require_writer()
+        await self._call_in_writer(_flushed)
         return await asyncio.to_thread(self._read, _sql.SELECT_ORCHESTRATION, (orchestration_id,))
 
     async def list_all(self) -> list[WorkflowRecord]:
-        self._require_writer()
+        await self._call_in_writer(_flushed)
         return await asyncio.to_thread(self._read, _sql.SELECT_ALL, ())
 
     def _read(self, sql: str, params: tuple[Any, ...]) -> list[WorkflowRecord]:
@@ -261,6 +269,10 @@ class SQLiteStateStore:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def _flushed(_conn: sqlite3.Connection) -> None:
+    """A no-op in the writer's queue: once it runs, every write queued before it is committed."""
 
 
 def read_workflows(path: str | os.PathLike[str] = "minions.db") -> list[WorkflowRecord]:
