@@ -23,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
+import itertools
 import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,13 +50,30 @@ CREATE TABLE {TABLE} (
     updated_at       REAL NOT NULL,
     PRIMARY KEY (orchestration_id, workflow_id)
 )"""
-# ON CONFLICT DO UPDATE keeps the rowid, so ties on created_at keep first-insert order.
-_UPSERT = f"""
-INSERT INTO {TABLE} ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)
+# Statement sizes (rows) a batch is padded up to; see _upserts. Roughly x1.5 apart, so padding
+# adds at most half and SQLite's statement cache holds every shape.
+_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+@functools.cache
+def _upsert_sql(rows: int) -> str:
+    """Insert-or-update ``rows`` rows; ON CONFLICT DO UPDATE keeps the rowid, so ties on
+    created_at keep first-insert order. A key repeated in one statement is updated again."""
+    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * rows)
+    return f"""
+INSERT INTO {TABLE} ({COLUMNS}) VALUES {values}
 ON CONFLICT (orchestration_id, workflow_id) DO UPDATE SET
     event = excluded.event, context = excluded.context, step_index = excluded.step_index,
     created_at = excluded.created_at, updated_at = excluded.updated_at"""
-_DELETE = f"DELETE FROM {TABLE} WHERE orchestration_id = ? AND workflow_id = ?"
+
+
+@functools.cache
+def _delete_sql(rows: int) -> str:
+    """Delete ``rows`` workflow ids of one orchestration (a primary-key search each)."""
+    ids = ", ".join(["?"] * rows)
+    return f"DELETE FROM {TABLE} WHERE orchestration_id = ? AND workflow_id IN ({ids})"
+
+
 SELECT_ORCHESTRATION = (
     f"SELECT {COLUMNS} FROM {TABLE} WHERE orchestration_id = ? ORDER BY created_at, rowid"
 )
@@ -359,12 +378,14 @@ class GroupCommitWriter:
     def _commit(self, writes: list[Write]) -> None:
         if not writes:
             return
-        latest: dict[Key, Write] = {w.key: w for w in writes}  # last write per key wins
+        latest: dict[Key, Row | None] = {w.key: w.row for w in writes}  # last write wins
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(_UPSERT, [w.row for w in latest.values() if w.row is not None])
-            conn.executemany(_DELETE, [w.key for w in latest.values() if w.row is None])
+            for sql, params in _upserts([row for row in latest.values() if row is not None]):
+                conn.execute(sql, params)
+            for sql, params in _deletes([key for key, row in latest.items() if row is None]):
+                conn.execute(sql, params)
             conn.execute("COMMIT")
         except Exception as exc:
             self._rollback()
@@ -405,6 +426,38 @@ class GroupCommitWriter:
             except queue.Empty:
                 return
             _settle([op.future], None, f"state store {self._path} was closed before this write")
+
+
+def _upserts(rows: list[Row]) -> Iterator[tuple[str, list[Any]]]:
+    """Multi-row statements for a batch of saves: one call into SQLite per few hundred rows.
+
+    ``executemany`` steps once per row, and sqlite3 releases the GIL around every step; each
+    time the busy event loop thread takes it, the writer waits up to a switch interval (5 ms)
+    to get it back. Padding repeats the last row (an idempotent second update), so a handful
+    of statement shapes serve every batch size.
+    """
+    for start in range(0, len(rows), _SIZES[-1]):
+        chunk = rows[start : start + _SIZES[-1]]
+        size = _padded(len(chunk))
+        chunk.extend([chunk[-1]] * (size - len(chunk)))
+        yield _upsert_sql(size), list(itertools.chain.from_iterable(chunk))
+
+
+def _deletes(keys: list[Key]) -> Iterator[tuple[str, list[Any]]]:
+    """Multi-row deletes, one orchestration at a time; padding repeats the last id."""
+    by_orchestration: dict[str, list[str]] = {}
+    for orchestration_id, workflow_id in keys:
+        by_orchestration.setdefault(orchestration_id, []).append(workflow_id)
+    for orchestration_id, workflow_ids in by_orchestration.items():
+        for start in range(0, len(workflow_ids), _SIZES[-1]):
+            chunk = workflow_ids[start : start + _SIZES[-1]]
+            size = _padded(len(chunk))
+            chunk.extend([chunk[-1]] * (size - len(chunk)))
+            yield _delete_sql(size), [orchestration_id, *chunk]
+
+
+def _padded(rows: int) -> int:
+    return next(size for size in _SIZES if size >= rows)
 
 
 def _settle(
