@@ -189,6 +189,55 @@ def test_max_batch_bounds_each_transaction(tmp_path):
     run(main())
 
 
+def test_large_mixed_batch_commits_once_through_padded_multi_row_statements(tmp_path):
+    # 700 saves span two statements (512 + padding); deletes span two orchestrations.
+    async def main():
+        async with SQLiteStateStore(tmp_path / "minions.db", max_batch=2000) as store:
+            for wid in ("x", "y"):
+                await store.save(rec(wid, oid="other"))
+            release, parked = await hold_writer(store)
+            before = store.commits
+            waiters = [
+                asyncio.ensure_future(store.save(rec(f"w{i:03}", oid=f"o{i % 2}", at=float(i))))
+                for i in range(700)
+            ]
+            waiters += [
+                asyncio.ensure_future(store.delete(f"o{i % 2}", f"w{i:03}"))
+                for i in range(0, 700, 3)
+            ]
+            waiters += [asyncio.ensure_future(store.delete("other", "x"))]
+            waiters += [asyncio.ensure_future(store.save(rec("w003", oid="o1", step=7, at=3.0)))]
+            release.set()
+            await parked
+            assert await asyncio.gather(*waiters) == [None] * len(waiters)
+            assert store.commits == before + 1
+            kept = {
+                (r.orchestration_id, r.workflow_id, r.step_index) for r in await store.list_all()
+            }
+            expected = {(f"o{i % 2}", f"w{i:03}", 0) for i in range(700) if i % 3}
+            assert kept == expected | {("o1", "w003", 7), ("other", "y", 0)}
+
+    run(main())
+
+
+def test_delete_nowait_settles_after_commit_and_loads_never_see_it_again(tmp_path):
+    async def main():
+        async with SQLiteStateStore(tmp_path / "minions.db") as store:
+            await store.save(rec("a"))
+            await store.save(rec("b"))
+            release, parked = await hold_writer(store)
+            forgotten = store.delete_nowait("orch", "a")
+            loading = asyncio.ensure_future(store.load("orch"))
+            await asyncio.sleep(0.05)
+            assert not forgotten.done() and not loading.done()  # both wait for the writer
+            release.set()
+            await parked
+            assert await loading == [rec("b")]
+            assert forgotten.done() and forgotten.exception() is None
+
+    run(main())
+
+
 def test_close_drains_pending_writes(tmp_path):
     path = tmp_path / "minions.db"
 
