@@ -207,6 +207,9 @@ def test_large_mixed_batch_commits_once_through_padded_multi_row_statements(tmp_
             ]
             waiters += [asyncio.ensure_future(store.delete("other", "x"))]
             waiters += [asyncio.ensure_future(store.save(rec("w003", oid="o1", step=7, at=3.0)))]
+            queued = store._writer._queue  # type: ignore[union-attr]
+            while queued.qsize() < len(waiters):  # every write queued before the writer resumes
+                await asyncio.sleep(0)
             release.set()
             await parked
             assert await asyncio.gather(*waiters) == [None] * len(waiters)
@@ -228,7 +231,7 @@ def test_delete_nowait_settles_after_commit_and_loads_never_see_it_again(tmp_pat
             release, parked = await hold_writer(store)
             forgotten = store.delete_nowait("orch", "a")
             loading = asyncio.ensure_future(store.load("orch"))
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # room for the read to finish, were it not queued
             assert not forgotten.done() and not loading.done()  # both wait for the writer
             release.set()
             await parked

@@ -239,7 +239,7 @@ class Orchestration:
     def _checkpoint(self, workflow: _Workflow, index: int) -> Awaitable[None]:
         """The save before step ``index``, for the caller to await. A plain call, not a
         coroutine: every waiting workflow then holds one coroutine fewer for the GC to scan."""
-        assert self._store is not None
+        assert self._store is not None and workflow.event_bytes is not None  # encoded once
         record = WorkflowRecord(  # positional: this runs before every step
             self.id, workflow.workflow_id, workflow.event_bytes,
             self._encoder.encode(workflow.context), index, workflow.created_at, time.time(),
