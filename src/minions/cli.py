@@ -209,12 +209,12 @@ def _cmd_workflows(ns: argparse.Namespace) -> int:
     now = time.time()
     if ns.json:
         for r in records:
-            row = {
+            entry = {
                 "orchestration": r.orchestration_id, "workflow": r.workflow_id,
                 "next_step": r.step_index, "created_at": r.created_at,
                 "updated_at": r.updated_at,
             }  # fmt: skip
-            print(json.dumps(row))
+            print(json.dumps(entry))
         return EXIT_OK
     if not records:
         print(f"no unfinished workflows in {ns.db}")
@@ -268,7 +268,7 @@ def _run_environment(environ: Mapping[str, str]) -> int:
         raise UsageError(f"minions run: MINIONS_METRICS_PORT={port!r} is not a port (0..65535)")
     if "MINIONS_METRICS_HOST" in environ and not environ["MINIONS_METRICS_HOST"].strip():
         raise UsageError("minions run: MINIONS_METRICS_HOST is set but empty")
-    return logging.getLevelName(level)  # type: ignore[no-any-return]
+    return logging.getLevelName(level)
 
 
 def _stderr_is_journal(environ: Mapping[str, str]) -> bool:
@@ -336,7 +336,7 @@ def load_target(spec: str) -> LaunchFn:
         inspect.signature(obj).bind()
     except TypeError:
         raise UsageError(f"minions run: {spec} must be callable with no arguments") from None
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def _import_module(name: str) -> Any:

@@ -25,7 +25,7 @@ class NativeDemo(WorkerService):
 
     def setup(self) -> None:
         """Load the extension; runs once, inside the worker process only."""
-        from native_demo import _native
+        from native_demo import _native  # type: ignore[attr-defined]  # a C extension
 
         self._n = _native
 

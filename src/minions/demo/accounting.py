@@ -88,19 +88,19 @@ class Counts:
 
 def read_counts(orchestration: str, pool: str, registry: CollectorRegistry = REGISTRY) -> Counts:
     """Collect the demo's counters from ``registry`` (the one ``/metrics`` serves)."""
-    workflows: collections.Counter[str] = collections.Counter()
+    workflows: collections.Counter[str] = collections.Counter()  # counts stay whole numbers
     crashes: collections.Counter[str] = collections.Counter()
     calls: collections.Counter[str] = collections.Counter()
     retries = restarts = 0.0
     for name, labels, value in _samples(registry):
         if labels.get("orchestration") == orchestration and name == "minions_workflows_total":
-            workflows[labels["event"]] += value
+            workflows[labels["event"]] += int(value)
         elif labels.get("pool") != pool:
             continue
         elif name == "minions_worker_crashes_total":
-            crashes[labels["reason"]] += value
+            crashes[labels["reason"]] += int(value)
         elif name == "minions_worker_calls_total":
-            calls[labels["outcome"]] += value
+            calls[labels["outcome"]] += int(value)
         elif name == "minions_worker_call_retries_total":
             retries += value
         elif name == "minions_worker_restarts_total":

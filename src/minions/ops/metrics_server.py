@@ -77,7 +77,8 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
         # HTTPServer.server_bind resolves socket.getfqdn(host): a reverse DNS lookup that can
         # stall Gru's start-up for seconds on a host with broken DNS. The name is not needed.
         socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
         self.setup_environ()
 
 

@@ -351,7 +351,8 @@ class Gru:
         self.state = GruState.SHUTTING_DOWN
         self.logger.info("gru shutting down (grace %.1fs)", self.config.grace_period_s, **ids())
         self._ops.begin_stop()
-        cancelled, errors = 0, {}
+        cancelled = 0
+        errors: dict[str, str] = {}
         try:
             async with self._lock:
                 cancelled, errors = await self._stop_all(list(self._orchestrations.values()))

@@ -33,7 +33,7 @@ def minion_step(func: StepFn) -> StepFn:
             "self.event and self.context"
         )
     setattr(func, _STEP_MARK, True)
-    return func
+    return func  # type: ignore[return-value]  # mypy widens the TypeVar through the checks
 
 
 @dataclass(slots=True)
@@ -74,12 +74,12 @@ class Minion(Generic[E, Ctx]):
     @property
     def event(self) -> E:
         """The event that started the current workflow (only valid inside a step)."""
-        return _current(self).event  # type: ignore[no-any-return]
+        return _current(self).event
 
     @property
     def context(self) -> Ctx:
         """The current workflow's context; checkpointed before every step."""
-        return _current(self).context  # type: ignore[no-any-return]
+        return _current(self).context
 
     @property
     def workflow_id(self) -> str:

@@ -85,8 +85,12 @@ class Orchestration:
         self._room.set()
         self._draining = False
         self._encoder = msgspec.msgpack.Encoder()
-        self._event_decoder = msgspec.msgpack.Decoder(composition.event_type)
-        self._context_decoder = msgspec.msgpack.Decoder(composition.context_type)
+        self._event_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
+            composition.event_type
+        )
+        self._context_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
+            composition.context_type
+        )
         self._step_timers = [STEP_SECONDS.labels(self.id, name) for name in composition.steps]
         self._lifecycle = {e: WORKFLOWS.labels(self.id, e) for e in _EVENTS}
         self._gauge = WORKFLOWS_IN_FLIGHT.labels(self.id)

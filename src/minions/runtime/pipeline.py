@@ -76,7 +76,7 @@ class PipelineRunner:
         self.state = RunnerState.IDLE
         self._event_type = event_type
         self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder(event_type)
+        self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(event_type)
         self._logger = logger
         self._backoff = backoff
         self._subscribers: list[Subscriber] = []
