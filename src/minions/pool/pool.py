@@ -18,21 +18,18 @@ import collections
 import itertools
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import msgspec
 from msgspec import Raw
 
 from minions.errors import (
-    CallTimeout,
     Overloaded,
     PoisonCall,
     PoolUnavailable,
     ProtocolError,
     RemoteError,
     WorkerCallError,
-    WorkerCrashed,
 )
 from minions.ipc import messages as m
 from minions.ipc.channel import RouterChannel
@@ -46,44 +43,11 @@ from minions.pool.config import PoolConfig
 from minions.pool.intensity import Backoff, RestartIntensity
 from minions.pool.pressure import MemoryPressure
 from minions.pool.process import Phase, WorkerProcess
-from minions.pool.states import Circuit, PoolState
+from minions.pool.states import Circuit, PoolSnapshot, PoolState, outcome_label
 from minions.pool.supervisor import Supervisor
 from minions.resource import Resource
 
 log = logging.getLogger("minions.pool")
-
-
-@dataclass(frozen=True, slots=True)
-class PoolSnapshot:
-    """A point-in-time view for status pages, metrics and tests."""
-
-    name: str
-    state: PoolState
-    circuit: Circuit
-    workers_ready: int
-    spares_ready: int
-    booting: int
-    in_flight: int
-    queue_depth: int
-    memory_level: MemoryLevel
-    pids: tuple[int, ...]
-
-
-_OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
-    (PoisonCall, "poison"),
-    (WorkerCrashed, "crashed"),
-    (CallTimeout, "timeout"),
-    (RemoteError, "remote_error"),
-    (Overloaded, "overloaded"),
-    (PoolUnavailable, "unavailable"),
-)
-
-
-def _outcome(exc: BaseException) -> str:
-    for cls, label in _OUTCOMES:
-        if isinstance(exc, cls):
-            return label
-    return "error"
 
 
 class WorkerPool(Resource):
@@ -241,7 +205,7 @@ class WorkerPool(Resource):
         try:
             value = await self._submit(method, args, kwargs)
         except WorkerCallError as exc:
-            metrics.WORKER_CALLS.labels(self.name, method, _outcome(exc)).inc()
+            metrics.WORKER_CALLS.labels(self.name, method, outcome_label(exc)).inc()
             metrics.WORKER_CALL_SECONDS.labels(self.name, method).observe(
                 time.perf_counter() - started
             )

@@ -1,8 +1,19 @@
-"""Pool lifecycle and circuit states, shared by the pool and its supervisor."""
+"""Pool lifecycle and circuit states, the snapshot, and call outcome labels."""
 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
+
+from minions.errors import (
+    CallTimeout,
+    Overloaded,
+    PoisonCall,
+    PoolUnavailable,
+    RemoteError,
+    WorkerCrashed,
+)
+from minions.ops.levels import MemoryLevel
 
 
 class PoolState(enum.Enum):
@@ -17,3 +28,37 @@ class Circuit(enum.Enum):
     CLOSED = "closed"  # healthy
     OPEN = "open"  # restart intensity exceeded: calls fail with PoolUnavailable
     HALF_OPEN = "half_open"  # trying again with fresh workers
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSnapshot:
+    """A point-in-time view for status pages, metrics and tests."""
+
+    name: str
+    state: PoolState
+    circuit: Circuit
+    workers_ready: int
+    spares_ready: int
+    booting: int
+    in_flight: int
+    queue_depth: int
+    memory_level: MemoryLevel
+    pids: tuple[int, ...]
+
+
+_OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
+    (PoisonCall, "poison"),
+    (WorkerCrashed, "crashed"),
+    (CallTimeout, "timeout"),
+    (RemoteError, "remote_error"),
+    (Overloaded, "overloaded"),
+    (PoolUnavailable, "unavailable"),
+)
+
+
+def outcome_label(exc: BaseException) -> str:
+    """The bounded ``outcome`` label of ``minions_worker_calls_total`` for a failed call."""
+    for cls, label in _OUTCOMES:
+        if isinstance(exc, cls):
+            return label
+    return "error"
