@@ -11,7 +11,6 @@ the store closes); a second one cuts the grace period short.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import signal
 import time
@@ -38,11 +37,11 @@ from minions.runtime.results import (
     StartResult,
     StopResult,
 )
+from minions.runtime.signals import SignalQueue
 from minions.runtime.state import SQLiteStateStore, StateStore
 
 _CREATE_TOKEN = object()
 _live_gru: Gru | None = None
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class _StartFailed(Exception):
@@ -85,12 +84,10 @@ class Gru:
         self._orchestrations: dict[str, _Running] = {}
         self._pipelines: dict[type, _PipelineSlot] = {}
         self._paused = False
-        self._signals: collections.deque[int] = collections.deque()
-        self._wakeup = asyncio.Event()
+        self._signal_queue = SignalQueue(self.handle_term)
         self._grace_cut = asyncio.Event()
         self._closed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._supervisor: asyncio.Task[None] | None = None
         self._shutdown_result: ShutdownResult | None = None
 
     # --- creation ----------------------------------------------------------------------------
@@ -384,9 +381,9 @@ class Gru:
     async def _finish_shutdown(self) -> None:
         """Release the process: signal handlers, helper tasks, the singleton slot."""
         global _live_gru
-        self._remove_signal_handlers()
+        self._signal_queue.remove()
         current = asyncio.current_task()
-        helpers = [t for t in (self._supervisor, *self._tasks) if t and t is not current]
+        helpers = [t for t in (self._signal_queue.task, *self._tasks) if t and t is not current]
         for task in helpers:
             task.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
@@ -408,33 +405,10 @@ class Gru:
     def _install_signal_handlers(self) -> None:
         if not self.config.handle_signals:
             return
-        loop = asyncio.get_running_loop()
         try:
-            for signum in _SIGNALS:
-                loop.add_signal_handler(signum, self._on_signal, signum)
+            self._signal_queue.install()
         except (RuntimeError, ValueError) as exc:  # not the main thread
             self.logger.warning("signal handlers not installed: %s", exc, **ids())
-            return
-        self._supervisor = asyncio.create_task(self._supervise(), name="minions-gru-signals")
-
-    def _remove_signal_handlers(self) -> None:
-        if self._supervisor is None:
-            return
-        loop = asyncio.get_running_loop()
-        for signum in _SIGNALS:
-            loop.remove_signal_handler(signum)
-
-    def _on_signal(self, signum: int) -> None:
-        """Signal context: only queue and wake (no logging, no I/O)."""
-        self._signals.append(signum)
-        self._wakeup.set()
-
-    async def _supervise(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._signals:
-                self.handle_term(self._signals.popleft())
 
     def handle_term(self, signum: int = signal.SIGTERM) -> None:
         """SIGTERM/SIGINT: begin a graceful shutdown; a repeat cuts the grace period short."""
