@@ -265,3 +265,33 @@ def test_result_that_breaks_the_declared_type_is_a_remote_error() -> None:
             assert info.value.kind == "invalid-result"
 
     run(scenario())
+
+
+def test_restart_workers_replaces_every_worker_without_failing_a_call() -> None:
+    async def scenario() -> None:
+        async with DemoPool() as pool:
+            before = {w.pid for w in pool.snapshot().workers}
+            assert len(before) == 2
+            stop = asyncio.Event()
+            served = 0
+
+            async def load() -> None:
+                nonlocal served
+                while not stop.is_set():
+                    assert await pool.call("crc32", b"abc") == 891568578
+                    served += 1
+
+            loaders = [asyncio.create_task(load()) for _ in range(4)]
+            while served < 20:  # the load really runs before the restart begins
+                await asyncio.sleep(0.01)
+            replaced = await pool.restart_workers()
+            stop.set()
+            await asyncio.gather(*loaders)  # any failed call raises here
+            snap = pool.snapshot()
+            after = {w.pid for w in snap.workers if w.phase == "ready"}
+            assert replaced == 2
+            assert len(after) == 2 and not after & before
+            assert snap.restarts == 0  # planned replacements are not crash restarts
+            assert all(w.role == "active" for w in snap.workers if w.phase == "ready")
+
+    run(scenario())

@@ -59,7 +59,7 @@ WORKER_CRASHES = Counter(
 )
 WORKER_RECYCLES = Counter(
     "minions_worker_recycles",
-    "Planned worker retirements by reason (max_calls, rss, memory).",
+    "Planned worker retirements by reason (max_calls, rss, memory, restart).",
     ["pool", "reason"],
     registry=REGISTRY,
 )

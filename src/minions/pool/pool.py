@@ -43,7 +43,7 @@ from minions.pool.config import PoolConfig
 from minions.pool.intensity import Backoff, RestartIntensity
 from minions.pool.pressure import MemoryPressure
 from minions.pool.process import Phase, WorkerProcess
-from minions.pool.states import Circuit, PoolSnapshot, PoolState, outcome_label
+from minions.pool.states import Circuit, PoolSnapshot, PoolState, WorkerSnapshot, outcome_label
 from minions.pool.supervisor import Supervisor
 from minions.resource import Resource
 
@@ -429,7 +429,39 @@ class WorkerPool(Resource):
             queue_depth=len(self._queue),
             memory_level=self._pressure.level,
             pids=tuple(w.pid for w in workers),
+            workers=tuple(
+                WorkerSnapshot(
+                    worker_id=w.worker_id,
+                    pid=w.pid,
+                    role=w.role.value,
+                    phase=w.phase.value,
+                    rss_bytes=w.rss_bytes,
+                    calls_served=w.calls_served,
+                    in_flight=len(w.inflight),
+                )
+                for w in workers
+                if w.phase is not Phase.DEAD
+            ),
+            restarts=self._supervisor.restarts,
         )
+
+    async def restart_workers(self) -> int:
+        """Replace every worker, one at a time, without failing a call (``minions pools
+        restart``): each is retired (it finishes what it owes, then stops) only once the pool is
+        back at full strength. Returns how many were replaced."""
+        if self._state is not PoolState.RUNNING:
+            raise PoolUnavailable(self.name, "it is not running")
+        old = [w for w in self._workers.values() if w.phase is Phase.READY]
+        for worker in old:
+            if worker.phase is not Phase.READY:
+                continue  # died or was recycled meanwhile: already replaced
+            self._supervisor.retire(worker, "restart")
+            full = await self.wait_ready()
+            if not full:
+                raise PoolUnavailable(
+                    self.name, "a replacement worker did not boot within boot_timeout_s"
+                )
+        return len(old)
 
     def worker_pids(self) -> list[int]:
         """Pids of every live worker process (for the memory monitor)."""

@@ -31,6 +31,19 @@ class Circuit(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerSnapshot:
+    """One worker process as an operator sees it (``minions status``)."""
+
+    worker_id: int
+    pid: int
+    role: str  # "active" or "spare"
+    phase: str  # "booting", "ready", "retiring", "killed"
+    rss_bytes: int  # as of the last measurement (0 before the first)
+    calls_served: int
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
 class PoolSnapshot:
     """A point-in-time view for status pages, metrics and tests."""
 
@@ -44,6 +57,8 @@ class PoolSnapshot:
     queue_depth: int
     memory_level: MemoryLevel
     pids: tuple[int, ...]
+    workers: tuple[WorkerSnapshot, ...] = ()
+    restarts: int = 0  # unplanned worker deaths that were replaced, since the pool started
 
 
 _OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (

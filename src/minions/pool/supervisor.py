@@ -52,6 +52,7 @@ class Supervisor:
         self._boot_error: str | None = None
         self._booted: asyncio.Future[None] | None = None
         self._stop_timers: dict[int, asyncio.TimerHandle] = {}
+        self.restarts = 0
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -377,6 +378,7 @@ class Supervisor:
     def _count_restart(self, verdict: Verdict) -> None:
         pool = self.pool
         metrics.WORKER_RESTARTS.labels(pool.name).inc()
+        self.restarts += 1
         now = time.monotonic()
         self._next_spawn_at = now + pool._backoff.next_delay()
         give_up = pool._intensity.record(now) is RestartDecision.GIVE_UP
