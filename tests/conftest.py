@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Coroutine, Iterator
+import time
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import psutil
@@ -20,6 +21,16 @@ T = TypeVar("T")
 def run(coro: Coroutine[Any, Any, T], timeout: float = 50.0) -> T:
     """Run one coroutine on a fresh event loop with an upper bound; tests stay synchronous."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def eventually(fact: Callable[[], object], timeout: float = 10.0) -> None:
+    """Wait until ``fact()`` is truthy, checking every few milliseconds: for facts that change
+    in another process (a worker's call marker) with no event in this one to await."""
+    deadline = time.monotonic() + timeout
+    while not fact():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout}s: {fact}")
+        await asyncio.sleep(0.002)
 
 
 def _live_children() -> list[psutil.Process]:

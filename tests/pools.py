@@ -27,3 +27,8 @@ class SparePool(DemoPool):
 class BadServicePool(WorkerPool):
     service = "native_demo.service:NoSuchService"
     workers = 1
+
+
+def running_pid(pool: WorkerPool, method: str) -> int | None:
+    """Pid of a worker whose call marker says it is running ``method`` right now."""
+    return next((w.pid for w in pool.snapshot().workers if w.running == method), None)

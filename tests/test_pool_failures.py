@@ -7,13 +7,16 @@ case the same pool must still answer a plain call correctly.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import re
 import signal
 import zlib
 from typing import Any
 
 import pytest
 
-from conftest import run
+from conftest import eventually, run
 from minions.errors import (
     CallTimeout,
     PoisonCall,
@@ -21,7 +24,8 @@ from minions.errors import (
     WorkerCrashed,
 )
 from minions.ops import metrics
-from pools import DemoPool, RetryPool, SparePool
+from minions.workers import WorkerPool
+from pools import DemoPool, RetryPool, SparePool, running_pid
 
 CASES: list[tuple[str, tuple[Any, ...], type[BaseException], dict[str, Any]]] = [
     ("fail", ("boom",), RemoteError, {"kind": "exception", "type_name": "ValueError"}),
@@ -121,11 +125,12 @@ def test_retry_hides_a_one_off_crash() -> None:
     async def scenario() -> None:
         async with RetryPool() as pool:
             task = asyncio.create_task(pool.call("sleep", 0.5))
-            await asyncio.sleep(0)  # the task runs up to its await: the call is sent
-            assert pool.snapshot().in_flight == 1
-            busy = next(w for w in pool._workers.values() if w.inflight)
-            busy.send_signal(signal.SIGKILL)
+            await eventually(lambda: running_pid(pool, "sleep"))  # the handler really runs
+            pid = running_pid(pool, "sleep")
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
             assert await task is None  # the retry on a fresh worker returned normally
+            assert pid not in pool.worker_pids()
 
     run(scenario())
 
@@ -134,8 +139,7 @@ def test_crash_does_not_disturb_calls_in_flight_on_other_workers() -> None:
     async def scenario() -> None:
         async with DemoPool() as pool:
             slow = asyncio.create_task(pool.call("count_primes", 3_000_000))
-            await asyncio.sleep(0)  # the task runs up to its await: the call is sent
-            assert pool.snapshot().in_flight == 1
+            await eventually(lambda: running_pid(pool, "count_primes"))
             with pytest.raises(WorkerCrashed):
                 await pool.call("segfault")
             assert await slow == 216816
@@ -143,16 +147,35 @@ def test_crash_does_not_disturb_calls_in_flight_on_other_workers() -> None:
     run(scenario())
 
 
-def test_calls_queued_behind_a_crashing_call_are_requeued_not_failed() -> None:
-    """With pipelining, calls already sent to the dying worker never started: they must run."""
+class PipelinedPool(WorkerPool):
+    service = "services:Pipelined"
+    workers = 1
+    call_timeout_s = 5.0
+
+
+def test_calls_pipelined_behind_a_crashing_call_are_requeued_not_failed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Costs warmed up first, so calls really are pipelined on the worker that segfaults: the
+    crashing call fails, every other call it owed runs again and succeeds."""
 
     async def scenario() -> None:
-        async with DemoPool() as pool:
-            crash = asyncio.create_task(pool.call("segfault"))
-            followers = [asyncio.create_task(pool.call("ping", i)) for i in range(20)]
-            with pytest.raises(WorkerCrashed):
-                await crash
-            assert await asyncio.gather(*followers) == list(range(20))
+        async with PipelinedPool() as pool:
+            for i in range(50):  # the method's cost is now measured (tens of microseconds)
+                assert await pool.call("step", i) == i
+            calls = [pool.call("step", i, crash=(i == 10)) for i in range(40)]
+            tasks = [asyncio.create_task(c) for c in calls]
+            await asyncio.sleep(0)  # every task submitted; nothing answered yet
+            assert pool.snapshot().workers[0].in_flight > 10  # pipelined past the crash
+            with caplog.at_level(logging.WARNING, logger="minions.pool"):
+                outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            crashed = outcomes.pop(10)
+            assert isinstance(crashed, WorkerCrashed) and crashed.signal == signal.SIGSEGV
+            assert outcomes == [i for i in range(40) if i != 10]
+            death = next(r.getMessage() for r in caplog.records if "SIGSEGV" in r.getMessage())
+            requeued = re.search(r"; (\d+) calls it owed go back to the queue", death)
+            assert requeued and int(requeued[1]) > 1, death  # more than one call was in flight
+            assert pool.snapshot().restarts == 1
 
     run(scenario())
 
@@ -162,7 +185,7 @@ def test_spare_worker_takes_over_without_a_boot() -> None:
         async with SparePool() as pool:
             await pool.wait_ready()
             assert pool.snapshot().spares_ready == 1
-            spare_pid = next(w.pid for w in pool._workers.values() if not w.dispatchable)
+            spare_pid = next(w.pid for w in pool.snapshot().workers if w.role == "spare")
             with pytest.raises(WorkerCrashed):
                 await pool.call("segfault")
             assert await pool.call("pid") == spare_pid  # served by the promoted spare

@@ -1,4 +1,5 @@
-"""Pure pieces of the pool: restart intensity, backoff, death verdicts, fingerprints."""
+"""Pure pieces of the pool: restart intensity, backoff, the circuit breaker, death verdicts,
+fingerprints, throttling."""
 
 from __future__ import annotations
 
@@ -6,8 +7,14 @@ import signal
 
 import pytest
 
+from minions.ops.levels import MemoryLevel
 from minions.pool.calls import fingerprint
+from minions.pool.circuit import CircuitBreaker
+from minions.pool.config import PoolConfig
+from minions.pool.dispatcher import Throttle
 from minions.pool.intensity import Backoff, RestartDecision, RestartIntensity
+from minions.pool.pressure import throttle
+from minions.pool.states import Circuit
 from minions.pool.verdict import DeathCause, classify
 
 
@@ -66,3 +73,29 @@ def test_fingerprint_is_method_and_exact_arguments() -> None:
     assert fingerprint("f", b"\x91\x01", b"\x80") == fingerprint("f", b"\x91\x01", b"\x80")
     assert fingerprint("f", b"\x91\x01", b"\x80") != fingerprint("g", b"\x91\x01", b"\x80")
     assert fingerprint("f", b"\x91\x01", b"\x80") != fingerprint("f", b"\x91\x02", b"\x80")
+
+
+def test_circuit_breaker_opens_retries_doubles_its_delay_and_closes() -> None:
+    breaker = CircuitBreaker(reset_s=1.0, reset_max_s=3.0)
+    assert breaker.state is Circuit.CLOSED and not breaker.poll(100.0)
+    breaker.trip(10.0)
+    assert breaker.state is Circuit.OPEN and breaker.retry_after(10.5) == 0.5
+    assert not breaker.poll(10.9) and breaker.poll(11.0)
+    assert breaker.state is Circuit.HALF_OPEN
+    breaker.trip(11.5)  # the half-open try failed: twice the delay
+    assert breaker.retry_after(11.5) == 2.0
+    assert breaker.poll(13.5)
+    breaker.trip(13.6)
+    assert breaker.reset_s == 3.0  # capped by reset_max_s
+    breaker.trip(20.0)
+    assert breaker.reset_s == 3.0 and breaker.opened == 4
+    assert breaker.poll(23.0) and breaker.succeeded()
+    assert breaker.state is Circuit.CLOSED and breaker.reset_s == 1.0
+    assert not breaker.succeeded()  # closing a closed circuit is not news
+
+
+def test_memory_levels_map_to_a_throttle() -> None:
+    cfg = PoolConfig(service="svc:S", workers=4, pipeline_depth=8)
+    assert throttle(MemoryLevel.NORMAL, cfg) == Throttle(8)
+    assert throttle(MemoryLevel.HIGH, cfg) == Throttle(1, 2)
+    assert throttle(MemoryLevel.CRITICAL, cfg) == Throttle(1, 1, shed=True)

@@ -25,8 +25,9 @@ class RemoteError(WorkerCallError):
     """The worker ran (or refused to run) the call and reported a failure; the worker lives on.
 
     ``kind`` tells which: ``"exception"`` (the handler raised), ``"invalid-args"`` (arguments did
-    not match the handler's annotations), ``"unknown-method"``, ``"unencodable-result"``, or
-    ``"expired"`` (the call's deadline passed before the worker could start it).
+    not match the handler's annotations), ``"unknown-method"``, ``"unencodable-result"`` (msgspec
+    could not encode what the handler returned), or ``"invalid-result"`` (the result does not
+    match the handler's declared return type, or could not be decoded at all).
     """
 
     def __init__(
@@ -66,13 +67,38 @@ def signal_name(signum: int | None) -> str | None:
         return f"signal {signum}"
 
 
-class WorkerCrashed(WorkerCallError):
+class _WorkerEnded(WorkerCallError):
+    """What the errors of a call whose worker process ended share: where it ran, and the Python
+    stack faulthandler wrote (at death, or just before the pool's kill)."""
+
+    _stack_heading = "worker stack"
+
+    def __init__(
+        self, text: str, *, pool: str, worker_id: int, pid: int, method: str, stack: str
+    ) -> None:
+        self.pool = pool
+        self.worker_id = worker_id
+        self.pid = pid
+        self.method = method
+        self.stack = stack
+        super().__init__(text)
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.stack:
+            text += f"\n--- {self._stack_heading} ---\n" + self.stack.rstrip()
+        return text
+
+
+class WorkerCrashed(_WorkerEnded):
     """The worker process died while running the call (segfault, abort, exit, OOM kill).
 
     ``signal``/``exit_code`` say how it died, ``stack`` holds the Python stack faulthandler wrote
     at the moment of death (empty if the process was killed with SIGKILL). The pool has already
     started a replacement worker.
     """
+
+    _stack_heading = "worker stack at death"
 
     def __init__(
         self,
@@ -88,14 +114,9 @@ class WorkerCrashed(WorkerCallError):
         attempts: int = 1,
         hint: str = "",
     ) -> None:
-        self.pool = pool
-        self.worker_id = worker_id
-        self.pid = pid
-        self.method = method
         self.signal = signal
         self.exit_code = exit_code
         self.reason = reason
-        self.stack = stack
         self.attempts = attempts
         how = signal_name(signal) if signal is not None else f"exit code {exit_code}"
         text = (
@@ -106,13 +127,7 @@ class WorkerCrashed(WorkerCallError):
             text += f" on attempt {attempts}"
         if hint:
             text += f"; {hint}"
-        super().__init__(text)
-
-    def __str__(self) -> str:
-        text = super().__str__()
-        if self.stack:
-            text += "\n--- worker stack at death ---\n" + self.stack.rstrip()
-        return text
+        super().__init__(text, pool=pool, worker_id=worker_id, pid=pid, method=method, stack=stack)
 
 
 class PoisonCall(WorkerCrashed):
@@ -123,33 +138,25 @@ class PoisonCall(WorkerCrashed):
     """
 
 
-class CallTimeout(WorkerCallError):
+class CallTimeout(_WorkerEnded):
     """The call ran longer than its deadline on the worker; that worker was SIGKILLed and replaced.
 
     ``stack`` holds where the worker was stuck (dumped by faulthandler on the pool's request just
     before the kill), when it could be captured.
     """
 
+    _stack_heading = "worker stack when killed"
+
     def __init__(
         self, *, pool: str, worker_id: int, pid: int, method: str, timeout_s: float, stack: str = ""
     ) -> None:
-        self.pool = pool
-        self.worker_id = worker_id
-        self.pid = pid
-        self.method = method
         self.timeout_s = timeout_s
-        self.stack = stack
-        super().__init__(
+        text = (
             f"{method}() exceeded its {timeout_s:g}s deadline on worker {worker_id} (pid {pid}) of "
             f"pool {pool!r}; the worker was killed and replaced. Raise call_timeout_s if the work "
             "is legitimately slow; the call was not retried because it may hang again."
         )
-
-    def __str__(self) -> str:
-        text = super().__str__()
-        if self.stack:
-            text += "\n--- worker stack when killed ---\n" + self.stack.rstrip()
-        return text
+        super().__init__(text, pool=pool, worker_id=worker_id, pid=pid, method=method, stack=stack)
 
 
 class PoolUnavailable(WorkerCallError):

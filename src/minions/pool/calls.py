@@ -11,12 +11,13 @@ from typing import Any
 class PendingCall:
     """One ``pool.call``: encoded once, possibly sent to several workers if crashes are retried.
 
-    Lives in the pool's queue, then in exactly one worker's in-flight deque, until its future is
+    Lives in the Dispatcher's queue, then in exactly one worker's lane, until its future is
     resolved. ``crashes`` counts workers this call was running on when they died.
     """
 
     __slots__ = (
         "args", "call_id", "crashes", "expected_s", "future", "kwargs", "method", "submitted_at",
+        "timeout_s",
     )  # fmt: skip
 
     def __init__(
@@ -28,7 +29,8 @@ class PendingCall:
         self.kwargs = kwargs
         self.future = future
         self.crashes = 0
-        self.expected_s = 0.0  # predicted run time when sent; see WorkerPool._pick_worker
+        self.expected_s = 0.0  # predicted run time when sent; see Dispatcher._pick_lane
+        self.timeout_s = 0.0  # longest it may run on a worker; set by the Dispatcher
         self.submitted_at = time.monotonic()
 
     @property

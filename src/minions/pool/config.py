@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from minions.ops.memory import MemoryThresholds
+from minions.pool.states import CrashLoopPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,8 @@ class PoolConfig:
     restart_intensity: int = 10
     restart_period_s: float = 10.0
     circuit_reset_s: float = 5.0
+    circuit_reset_max_s: float = 60.0  # the reset delay doubles after each failed retry, to this
+    on_crash_loop: CrashLoopPolicy = CrashLoopPolicy.CIRCUIT
     max_queue: int = 10_000
     pipeline_depth: int = 16
     pipeline_window_s: float = 0.002
@@ -55,6 +58,14 @@ class PoolConfig:
             ):
                 raise ValueError(f"{f.name} must be a finite {f.type}, got {value!r}")
         self._check_ranges()
+        if not isinstance(self.on_crash_loop, CrashLoopPolicy):
+            try:  # a class attribute may name it: on_crash_loop = "escalate"
+                object.__setattr__(self, "on_crash_loop", CrashLoopPolicy(self.on_crash_loop))
+            except ValueError:
+                choices = [p.value for p in CrashLoopPolicy]
+                raise ValueError(
+                    f"on_crash_loop must be one of {choices}, got {self.on_crash_loop!r}"
+                ) from None
         if self.memory is not None and not isinstance(self.memory, MemoryThresholds):
             raise ValueError(f"memory must be a MemoryThresholds or None, got {self.memory!r}")
 
@@ -78,6 +89,7 @@ class PoolConfig:
             "call_timeout_s",
             "restart_period_s",
             "circuit_reset_s",
+            "circuit_reset_max_s",
             "boot_timeout_s",
             "shutdown_grace_s",
             "heartbeat_s",
@@ -85,6 +97,11 @@ class PoolConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.circuit_reset_max_s < self.circuit_reset_s:
+            raise ValueError(
+                "circuit_reset_max_s must be >= circuit_reset_s, got "
+                f"{self.circuit_reset_max_s!r} < {self.circuit_reset_s!r}"
+            )
         if self.restart_backoff_max_s < self.restart_backoff_initial_s:
             raise ValueError(
                 "restart_backoff_max_s must be >= restart_backoff_initial_s, got "

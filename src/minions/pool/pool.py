@@ -1,36 +1,25 @@
-"""``WorkerPool``: the parent side of the isolation boundary.
+"""``WorkerPool``: the parent side of the isolation boundary, a thin front over two owners.
 
-Design note. Everything runs on Gru's event loop, in one thread: the ROUTER channel's reader,
-each worker's pidfd reader and a slow supervising task. A call is encoded once, waits in one
-FIFO queue, and goes to an idle active worker; when none is idle, it may be *pipelined* behind
-the calls a worker already has, but only while the predicted run time of that backlog (a moving
-average per method) stays under ``pipeline_window_s``. So tiny calls stream back to back (the
-worker never waits for the parent) and nothing ever queues behind a slow call.
-Workers answer strictly in order, so when a worker dies the first call it owed is the one that
-killed it and the rest never started: those are re-queued at no cost. See ``supervisor.py`` for
-the death, restart and recycle side.
+Design note. Everything runs on one event loop. The :class:`~minions.pool.supervisor.Supervisor`
+owns the worker processes (spawn, hello, death, restart intensity, circuit, recycling); the
+:class:`~minions.pool.dispatcher.Dispatcher` owns the calls (queue, lanes, costs, pipelining,
+quarantine, deadlines, settling a death). Neither reads the other's state: the front routes
+frames from the ROUTER channel to them and forwards their events (a worker became ready, is
+leaving, died; a call overran, a lane drained), and it holds the lifecycle and the metrics of
+``call()``. See ``docs/concepts/worker-pools.md`` ("How a call travels").
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import itertools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import msgspec
-from msgspec import Raw
 
-from minions.errors import (
-    Overloaded,
-    PoisonCall,
-    PoolUnavailable,
-    ProtocolError,
-    RemoteError,
-    WorkerCallError,
-)
+from minions.errors import PoolUnavailable, ProtocolError, RemoteError, WorkerCallError
 from minions.ipc import messages as m
 from minions.ipc.channel import RouterChannel
 from minions.ipc.endpoint import Endpoint
@@ -38,16 +27,23 @@ from minions.ipc.service import MethodSpec, describe, load_service
 from minions.ops import metrics
 from minions.ops.levels import MemoryLevel
 from minions.ops.memory import MemoryMonitor
-from minions.pool.calls import PendingCall, fingerprint
+from minions.pool.calls import PendingCall
 from minions.pool.config import PoolConfig
-from minions.pool.intensity import Backoff, RestartIntensity
-from minions.pool.pressure import MemoryPressure
+from minions.pool.dispatcher import Dispatcher
+from minions.pool.events import Death, Settlement, WorkerRef
+from minions.pool.pressure import MemoryPressure, throttle
 from minions.pool.process import Phase, WorkerProcess
-from minions.pool.states import Circuit, PoolSnapshot, PoolState, WorkerSnapshot, outcome_label
+from minions.pool.states import Circuit, PoolSnapshot, PoolState, outcome_label
 from minions.pool.supervisor import Supervisor
 from minions.resource import Resource
 
 log = logging.getLogger("minions.pool")
+
+_TICK_S = 0.05
+_UNKNOWN_METHOD = "(unknown)"  # one metric label for every name the service does not expose
+_STOP_RESERVE_S = 7.0  # of a shutdown deadline, kept for stopping workers (3 escalation steps)
+
+CircuitListener = Callable[["WorkerPool", Circuit], None]
 
 
 class WorkerPool(Resource):
@@ -73,31 +69,20 @@ class WorkerPool(Resource):
         self.config = config if config is not None else PoolConfig.from_class(type(self))
         self.name = self.config.name or type(self).__name__
         self._state = PoolState.NEW
-        self._circuit = Circuit.CLOSED
-        self._queue: collections.deque[PendingCall] = collections.deque()
-        self._workers: dict[bytes, WorkerProcess] = {}
-        self._in_flight = 0
-        self._ids = itertools.count(1)
-        self._worker_ids = itertools.count(1)
-        self._quarantine: dict[bytes, float] = {}
-        self._specs: dict[str, MethodSpec] = {}
-        self._decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {}
-        self._method_metrics: dict[str, tuple[Any, Any]] = {}
-        self._cost: dict[str, float] = {}  # moving average run time per method, seconds
-        self._active: tuple[WorkerProcess, ...] = ()
-        self._intensity = RestartIntensity(
-            self.config.restart_intensity, self.config.restart_period_s
-        )
-        self._backoff = Backoff(
-            self.config.restart_backoff_initial_s, self.config.restart_backoff_max_s
-        )
         self._changed = asyncio.Event()
         self._endpoint: Endpoint | None = None
         self._channel: RouterChannel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._supervisor = Supervisor(self)
         self._task: asyncio.Task[None] | None = None
-        self._pressure = MemoryPressure(self)
+        self._specs: dict[str, MethodSpec] = {}
+        self._decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {}
+        self._method_metrics: dict[str, tuple[Any, Any]] = {}
+        self._circuit_listeners: list[CircuitListener] = []
+        self._dispatcher = Dispatcher(self.config, self.name, self._send, self)
+        self._supervisor = Supervisor(self.config, self.name, self, self._send)
+        self._pressure = MemoryPressure(
+            self.config, self.name, self._supervisor.pids, self.apply_memory_level
+        )
         self._labels = {
             "alive": metrics.WORKERS_ALIVE.labels(self.name),
             "queue": metrics.QUEUE_DEPTH.labels(self.name),
@@ -116,6 +101,33 @@ class WorkerPool(Resource):
             raise RuntimeError(f"pool {self.name!r} was already started (state {self._state})")
         self._state = PoolState.STARTING
         self._loop = asyncio.get_running_loop()
+        self._load_service()
+        self._endpoint = Endpoint.create(self.name)
+        self._channel = RouterChannel(
+            self._endpoint.address, self._on_frames, self._count_bad_frame, self.changed
+        )
+        try:
+            self._channel.open()
+            self._supervisor.begin(self._endpoint, self._specs)
+            try:
+                await asyncio.wait_for(self._supervisor.wait_booted(), self.config.boot_timeout_s)
+            except TimeoutError:
+                raise PoolUnavailable(
+                    self.name,
+                    f"workers of {self.config.service!r} did not finish setup() within "
+                    f"boot_timeout_s={self.config.boot_timeout_s:g}s",
+                ) from None
+        except BaseException:
+            await self.shutdown()
+            raise
+        self._state = PoolState.RUNNING
+        self._pressure.hook()
+        self._task = asyncio.create_task(self._tick_loop(), name=f"minions-pool-{self.name}")
+        log.info(
+            "pool %s: started %d workers of %s", self.name, self.config.workers, self.config.service
+        )
+
+    def _load_service(self) -> None:
         try:
             self._specs = describe(load_service(self.config.service))
         except (ImportError, AttributeError, TypeError, ValueError) as exc:
@@ -131,47 +143,42 @@ class WorkerPool(Resource):
             )
             for n in self._specs
         }
-        self._endpoint = Endpoint.create(self.name)
-        self._channel = RouterChannel(
-            self._endpoint.address, self._on_frames, self._on_bad_frame, self.dispatch
-        )
-        try:
-            self._channel.open()
-            self._supervisor.spawn_missing()
-            try:
-                await asyncio.wait_for(self._supervisor.wait_booted(), self.config.boot_timeout_s)
-            except TimeoutError:
-                raise PoolUnavailable(
-                    self.name,
-                    f"workers of {self.config.service!r} did not finish setup() within "
-                    f"boot_timeout_s={self.config.boot_timeout_s:g}s",
-                ) from None
-        except BaseException:
-            await self.shutdown()
-            raise
-        self._state = PoolState.RUNNING
-        self._pressure.hook()
-        self._task = asyncio.create_task(self._supervisor.run(), name=f"minions-pool-{self.name}")
-        log.info(
-            "pool %s: started %d workers of %s", self.name, self.config.workers, self.config.service
-        )
 
-    async def shutdown(self) -> None:
-        """Stop accepting calls, let queued and in-flight calls finish within
-        ``shutdown_grace_s``, then stop workers politely, then SIGTERM, then SIGKILL."""
+    async def _tick_loop(self) -> None:
+        """The pool's slow loop: deadlines, then the Supervisor's housekeeping, then gauges."""
+        while True:
+            await asyncio.sleep(_TICK_S)
+            now = time.monotonic()
+            self._dispatcher.enforce_deadlines(now)
+            self._supervisor.tick(now)
+            self._publish_gauges()
+
+    async def shutdown(self, *, deadline: float | None = None) -> None:
+        """Stop accepting calls, let calls whose callers still wait finish within
+        ``shutdown_grace_s``, then stop workers politely, then SIGTERM, then SIGKILL.
+
+        ``deadline`` (``time.monotonic()``) bounds the whole of it: Gru passes one budget to
+        all its pools, which stop concurrently."""
         if self._state in (PoolState.NEW, PoolState.CLOSING, PoolState.CLOSED):
             self._state = PoolState.CLOSED if self._state is PoolState.NEW else self._state
             return
         self._state = PoolState.CLOSING
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + self.config.shutdown_grace_s + _STOP_RESERVE_S
+        reserve = min(_STOP_RESERVE_S, (deadline - now) / 2)
+        grace = max(0.0, min(self.config.shutdown_grace_s, deadline - reserve - now))
         await self._pressure.unhook()
         await self._wait_until(
-            lambda: (not self._queue and not self._in_flight) or not self._supervisor.serving(),
-            self.config.shutdown_grace_s,
+            lambda: (
+                not self._dispatcher.waiting_callers() or not self._supervisor.count_dispatchable()
+            ),
+            grace,
         )
         gone = PoolUnavailable(self.name, "the pool shut down before the call ran")
-        self._fail_queue(gone)
-        await self._supervisor.stop_all()
-        self._fail_queue(gone)  # calls a stopped worker owed but never started
+        self._dispatcher.fail_queue(gone)
+        await self._supervisor.stop_all(deadline, self._wait_until)
+        self._dispatcher.fail_queue(gone)  # calls a stopped worker owed but never started
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -193,6 +200,22 @@ class WorkerPool(Resource):
 
         return await self._wait_until(full, cfg.boot_timeout_s if timeout is None else timeout)
 
+    async def restart_workers(self) -> int:
+        """Replace every worker, one at a time, without failing a call (``minions pools
+        restart``): each is retired (it finishes what it owes, then stops) only once the pool is
+        back at full strength. Returns how many were replaced."""
+        if self._state is not PoolState.RUNNING:
+            raise PoolUnavailable(self.name, "it is not running")
+        replaced = 0
+        for worker_id in [w.worker_id for w in self.snapshot().workers if w.phase == "ready"]:
+            if self._supervisor.retire_by_id(worker_id, "restart"):
+                replaced += 1
+                if not await self.wait_ready():
+                    raise PoolUnavailable(
+                        self.name, "a replacement worker did not boot within boot_timeout_s"
+                    )
+        return replaced
+
     # --- calls ----------------------------------------------------------------------------
 
     async def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
@@ -205,8 +228,9 @@ class WorkerPool(Resource):
         try:
             value = await self._submit(method, args, kwargs)
         except WorkerCallError as exc:
-            metrics.WORKER_CALLS.labels(self.name, method, outcome_label(exc)).inc()
-            metrics.WORKER_CALL_SECONDS.labels(self.name, method).observe(
+            label = method if method in self._specs else _UNKNOWN_METHOD
+            metrics.WORKER_CALLS.labels(self.name, label, outcome_label(exc)).inc()
+            metrics.WORKER_CALL_SECONDS.labels(self.name, label).observe(
                 time.perf_counter() - started
             )
             raise
@@ -221,148 +245,72 @@ class WorkerPool(Resource):
             raise RemoteError(
                 kind=m.FailureKind.UNKNOWN_METHOD.value,
                 type_name="LookupError",
-                message=f"unknown method; exposed: {sorted(self._specs)}",
+                message=f"unknown method {method!r}; exposed: {sorted(self._specs)}",
                 method=method,
             )
-        encoded_args = m.encoder.encode(args)
-        encoded_kwargs = m.encoder.encode(kwargs) if kwargs else m.EMPTY_MAP
-        if self._pressure.level is MemoryLevel.CRITICAL:
-            raise Overloaded(self.name, "memory pressure is critical")
-        if len(self._queue) >= self.config.max_queue:
-            raise Overloaded(
-                self.name, f"the dispatch queue is full (max_queue={self.config.max_queue})"
-            )
-        if self._quarantine:
-            self._check_quarantine(method, encoded_args, encoded_kwargs)
+        try:
+            encoded_args = m.encoder.encode(args)
+            encoded_kwargs = m.encoder.encode(kwargs) if kwargs else m.EMPTY_MAP
+        except RecursionError:
+            raise TypeError(f"{method}(): arguments nested too deeply to encode") from None
         assert self._loop is not None
-        call = PendingCall(
-            next(self._ids), method, encoded_args, encoded_kwargs, self._loop.create_future()
+        call = self._dispatcher.admit(
+            method, encoded_args, encoded_kwargs, self._loop.create_future()
         )
-        self._queue.append(call)
-        self.dispatch()
+        self._dispatcher.dispatch()
         try:
             return await call.future
         except asyncio.CancelledError:
-            if call in self._queue:  # not sent yet: forget it; a sent call's answer is dropped
-                self._queue.remove(call)
+            self._dispatcher.withdraw(call)  # queued: never runs; sent: its answer is dropped
             raise
 
     def _check_accepting(self) -> None:
         if self._state is not PoolState.RUNNING:
             reason = "it is not started" if self._state is PoolState.NEW else "it is shutting down"
             raise PoolUnavailable(self.name, reason)
-        if self._circuit is Circuit.OPEN:
+        breaker = self._supervisor.breaker
+        if breaker.state is Circuit.OPEN:
             raise PoolUnavailable(
                 self.name,
                 f"workers crashed more than {self.config.restart_intensity} times in "
                 f"{self.config.restart_period_s:g}s (restart intensity); the circuit is open",
-                self._supervisor.retry_after(),
+                breaker.retry_after(time.monotonic()),
             )
-
-    def _check_quarantine(self, method: str, args: bytes, kwargs: bytes) -> None:
-        now = time.monotonic()
-        self._quarantine = {fp: t for fp, t in self._quarantine.items() if t > now}
-        until = self._quarantine.get(fingerprint(method, args, kwargs))
-        if until is not None:
-            raise PoisonCall(
-                pool=self.name,
-                worker_id=0,
-                pid=0,
-                method=method,
-                signal=None,
-                exit_code=None,
-                reason="quarantined",
-                hint=f"this method and these arguments crashed workers "
-                f"before; they fail fast for another {until - now:.0f}s without dispatch",
-            )
-
-    # --- dispatch -------------------------------------------------------------------------
-
-    def dispatch(self) -> None:
-        """Send queued calls to workers with room; called whenever either side changes.
-
-        Calls bound for one worker in one pass travel as one message (one pipe flush)."""
-        queue = self._queue
-        if not queue:
-            return
-        depth, limit = self._pressure.throttle()
-        batches: dict[WorkerProcess, list[bytes]] = {}
-        now = time.monotonic()
-        while queue and self._in_flight < limit:
-            call = queue[0]
-            if call.future.done():
-                queue.popleft()
-                continue
-            expected = self._cost.get(call.method, self.config.pipeline_window_s)
-            worker = self._pick_worker(depth, expected)
-            if worker is None:
-                break
-            queue.popleft()
-            if not worker.inflight:
-                worker.head_since = now
-                worker.backlog_s = 0.0
-            call.expected_s = expected
-            worker.backlog_s += expected
-            worker.inflight.append(call)
-            self._in_flight += 1
-            call_msg = m.Call(call.call_id, call.method, Raw(call.args), Raw(call.kwargs))
-            batches.setdefault(worker, []).append(m.encoder.encode(call_msg))
-        assert self._channel is not None
-        for worker, payloads in batches.items():
-            if not self._channel.send(worker.identity, payloads):
-                self._supervisor.lose(worker)
-
-    def _pick_worker(self, depth: int, expected_s: float) -> WorkerProcess | None:
-        """An idle worker, else the one with the shortest predicted backlog that stays within
-        ``pipeline_window_s`` after taking this call and has fewer than ``depth`` calls."""
-        best: WorkerProcess | None = None
-        best_backlog = self.config.pipeline_window_s - expected_s
-        for worker in self._active:
-            if worker.phase is not Phase.READY:
-                continue
-            if not worker.inflight:
-                return worker
-            if len(worker.inflight) < depth and worker.backlog_s <= best_backlog:
-                best, best_backlog = worker, worker.backlog_s
-        return best
-
-    def refresh_active(self) -> None:
-        """Recompute the workers calls may go to; the supervisor calls this on every change
-        of a worker's phase or role, so the hot path never filters."""
-        self._active = tuple(w for w in self._workers.values() if w.dispatchable)
-
-    def requeue_front(self, calls: list[PendingCall]) -> None:
-        """Put calls back at the head of the queue, keeping their order."""
-        self._queue.extendleft(reversed(calls))
-
-    def _fail_queue(self, exc: WorkerCallError) -> None:
-        while self._queue:
-            self._queue.popleft().fail(exc)
 
     # --- wire -----------------------------------------------------------------------------
 
-    def _on_frames(self, identity: bytes, payloads: list[bytes]) -> None:
-        worker = self._workers.get(identity)
-        if worker is None:
-            self._on_bad_frame("unauthenticated")
-            return
-        for payload in payloads:
-            self._on_message(worker, payload)
-        self._supervisor.after_answer(worker)  # dispatch follows once the channel is drained
+    def _send(self, identity: bytes, payloads: list[bytes]) -> bool:
+        return self._channel is not None and self._channel.send(identity, payloads)
 
-    def _on_message(self, worker: WorkerProcess, payload: bytes) -> None:
+    def _on_frames(self, identity: bytes, payloads: list[bytes]) -> None:
+        worker = self._supervisor.heard(identity)
+        if worker is None:
+            self._count_bad_frame("unauthenticated")
+            return
+        answered = 0
+        for payload in payloads:
+            try:
+                answered += self._on_message(worker, payload)
+            except Exception:  # a bug here must not stop the drain of the other frames
+                log.exception(
+                    "pool %s: handling a frame of worker %d failed", self.name, worker.worker_id
+                )
+                self._count_bad_frame("handler")
+        if answered:
+            self._supervisor.served(worker, answered)
+
+    def _on_message(self, worker: WorkerProcess, payload: bytes) -> int:
+        """Handle one frame; returns 1 if it answered a call."""
         try:
             msg = m.parent_decoder.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            error = ProtocolError(f"undecodable frame from worker {worker.worker_id}: {exc}")
-            log.warning("pool %s: dropped %r", self.name, error)
-            self._on_bad_frame("decode")
-            return
+        except Exception as exc:  # DecodeError, ValidationError, RecursionError (too deep)
+            return self._undecodable(worker, exc)
         match msg:
             case m.Result():
                 call = self._take(worker, msg.call_id)
                 if call is not None:
                     self._resolve(call, msg.value)
+                    return 1
             case m.Failure():
                 call = self._take(worker, msg.call_id)
                 if call is not None:
@@ -376,31 +324,23 @@ class WorkerPool(Resource):
                             worker_id=worker.worker_id,
                         )
                     )
+                    return 1
             case m.Hello():
                 self._supervisor.on_hello(worker, msg)
             case m.Heartbeat():
-                pass
+                pass  # heard() already noted it
+        return 0
 
     def _take(self, worker: WorkerProcess, call_id: int) -> PendingCall | None:
-        """Pop the call a worker just answered; it must be the oldest it owes."""
-        if not worker.said_hello or not worker.inflight or worker.inflight[0].call_id != call_id:
-            self._on_bad_frame("unexpected")
-            return None
-        call = worker.inflight.popleft()
-        self._in_flight -= 1
-        worker.calls_served += 1
-        now = time.monotonic()
-        ran = now - worker.head_since
-        cost = self._cost.get(call.method)
-        self._cost[call.method] = ran if cost is None else 0.8 * cost + 0.2 * ran
-        worker.backlog_s -= call.expected_s
-        worker.head_since = now
+        call = self._dispatcher.take(worker.identity, call_id) if worker.said_hello else None
+        if call is None:
+            self._count_bad_frame("unexpected")
         return call
 
     def _resolve(self, call: PendingCall, raw: msgspec.Raw) -> None:
         try:
-            call.resolve(self._decoders[call.method].decode(raw))
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            value = self._decoders[call.method].decode(raw)
+        except Exception as exc:  # ValidationError, DecodeError, RecursionError: never escapes
             call.fail(
                 RemoteError(
                     kind="invalid-result",
@@ -409,63 +349,109 @@ class WorkerPool(Resource):
                     method=call.method,
                 )
             )
-        self._backoff.succeeded()
+            return
+        call.resolve(value)
 
-    def _on_bad_frame(self, kind: str) -> None:
+    def _undecodable(self, worker: WorkerProcess, exc: Exception) -> int:
+        """A frame from one of our workers did not decode. Workers answer strictly in order and
+        only a result carries handler-made structure, so it is the answer to the oldest call the
+        worker owes: that call fails now instead of waiting for its timeout."""
+        why = f"{type(exc).__name__}: {exc}"
+        log.warning(
+            "pool %s: dropped %r",
+            self.name,
+            ProtocolError(f"undecodable frame from worker {worker.worker_id}: {why}"),
+        )
+        self._count_bad_frame("decode")
+        call = self._dispatcher.take(worker.identity, None) if worker.said_hello else None
+        if call is None:
+            return 0
+        call.fail(
+            RemoteError(
+                kind="invalid-result",
+                type_name=type(exc).__name__,
+                message=f"the worker's reply could not be decoded ({why}); a handler that "
+                "returns msgspec.Raw must return valid msgpack no more than ~1000 levels deep",
+                method=call.method,
+                worker_id=worker.worker_id,
+            )
+        )
+        return 1
+
+    def _count_bad_frame(self, kind: str) -> None:
         metrics.PROTOCOL_ERRORS.labels(self.name, kind).inc()
+
+    # --- events between the two owners (see the module note) ---------------------------------
+
+    def worker_ready(self, worker: WorkerRef) -> None:
+        self._dispatcher.open_lane(worker)
+
+    def worker_leaving(self, worker: WorkerRef, doomed: bool) -> bool:
+        return self._dispatcher.close_lane(worker, doomed)
+
+    def worker_died(self, death: Death) -> Settlement:
+        """Settle a death. Answers the dead worker already delivered are read first, so a call
+        that finished is not run again."""
+        self._dispatcher.close_lane(death.worker, doomed=True)
+        if self._channel is not None:
+            self._channel.poll()
+        return self._dispatcher.settle(death)
+
+    def circuit_changed(self, circuit: Circuit, retry_after_s: float) -> None:
+        if circuit is Circuit.OPEN:
+            looping = "the pool is crash-looping (circuit open)"
+            self._dispatcher.fail_queue(PoolUnavailable(self.name, looping, retry_after_s))
+        self._publish_gauges()
+        for listener in list(self._circuit_listeners):
+            try:
+                listener(self, circuit)
+            except Exception:
+                log.exception("pool %s: circuit listener %r raised", self.name, listener)
+
+    def call_overran(self, worker: WorkerRef, call: PendingCall) -> None:
+        self._supervisor.kill_overran(worker, call.method, call.timeout_s)
+
+    def lane_lost(self, worker: WorkerRef) -> None:
+        self._supervisor.lose(worker)
+
+    def lane_drained(self, worker: WorkerRef) -> None:
+        self._supervisor.drained(worker)
+
+    def changed(self) -> None:
+        """Something moved (a burst of frames drained, a worker came or went): dispatch once
+        and wake whoever waits on pool state."""
+        self._dispatcher.dispatch()
+        self._changed.set()
 
     # --- observation and memory pressure ---------------------------------------------------
 
     def snapshot(self) -> PoolSnapshot:
-        workers = list(self._workers.values())
+        sup = self._supervisor
         return PoolSnapshot(
             name=self.name,
             state=self._state,
-            circuit=self._circuit,
-            workers_ready=sum(1 for w in workers if w.dispatchable),
-            spares_ready=sum(1 for w in workers if w.phase is Phase.READY and not w.dispatchable),
-            booting=sum(1 for w in workers if w.phase is Phase.BOOTING),
-            in_flight=self._in_flight,
-            queue_depth=len(self._queue),
+            circuit=sup.breaker.state,
+            workers_ready=sup.count_dispatchable(),
+            spares_ready=sup.count(Phase.READY, dispatchable=False),
+            booting=sup.count(Phase.BOOTING),
+            in_flight=self._dispatcher.in_flight,
+            queue_depth=self._dispatcher.queue_depth,
             memory_level=self._pressure.level,
-            pids=tuple(w.pid for w in workers),
-            workers=tuple(
-                WorkerSnapshot(
-                    worker_id=w.worker_id,
-                    pid=w.pid,
-                    role=w.role.value,
-                    phase=w.phase.value,
-                    rss_bytes=w.rss_bytes,
-                    calls_served=w.calls_served,
-                    in_flight=len(w.inflight),
-                )
-                for w in workers
-                if w.phase is not Phase.DEAD
-            ),
-            restarts=self._supervisor.restarts,
+            pids=tuple(sup.pids()),
+            workers=sup.rows(self._dispatcher.describe_lane),
+            restarts=sup.restarts,
+            circuit_opened=sup.breaker.opened,
         )
-
-    async def restart_workers(self) -> int:
-        """Replace every worker, one at a time, without failing a call (``minions pools
-        restart``): each is retired (it finishes what it owes, then stops) only once the pool is
-        back at full strength. Returns how many were replaced."""
-        if self._state is not PoolState.RUNNING:
-            raise PoolUnavailable(self.name, "it is not running")
-        old = [w for w in self._workers.values() if w.phase is Phase.READY]
-        for worker in old:
-            if worker.phase is not Phase.READY:
-                continue  # died or was recycled meanwhile: already replaced
-            self._supervisor.retire(worker, "restart")
-            full = await self.wait_ready()
-            if not full:
-                raise PoolUnavailable(
-                    self.name, "a replacement worker did not boot within boot_timeout_s"
-                )
-        return len(old)
 
     def worker_pids(self) -> list[int]:
         """Pids of every live worker process (for the memory monitor)."""
-        return [w.pid for w in self._workers.values() if w.phase is not Phase.DEAD]
+        return self._supervisor.pids()
+
+    def subscribe_circuit(self, listener: CircuitListener) -> Callable[[], None]:
+        """Call ``listener(pool, circuit)`` on every circuit change (Gru reports crash loops
+        this way); returns the unsubscribe function."""
+        self._circuit_listeners.append(listener)
+        return lambda: self._circuit_listeners.remove(listener)
 
     def attach_memory_monitor(self, monitor: MemoryMonitor) -> None:
         """Follow a shared monitor (Gru does this before startup) instead of an own one."""
@@ -477,19 +463,19 @@ class WorkerPool(Resource):
         """Called on each memory level change: throttle (HIGH), shed and recycle (CRITICAL)."""
         previous = self._pressure.level
         self._pressure.level = level
+        self._dispatcher.set_throttle(throttle(level, self.config))
         if level > previous:
             self._supervisor.relieve_memory(level)
-        self.dispatch()
-        self.notify_changed()
+        self.changed()
 
     def _publish_gauges(self) -> None:
-        snap = self.snapshot()
-        self._labels["alive"].set(snap.workers_ready + snap.spares_ready)
-        self._labels["queue"].set(snap.queue_depth)
-        self._labels["circuit"].set(1 if self._circuit is Circuit.OPEN else 0)
-        self._labels["rss"].set(sum(w.rss_bytes for w in self._workers.values()))
+        sup = self._supervisor
+        self._labels["alive"].set(sup.count(Phase.READY))
+        self._labels["queue"].set(self._dispatcher.queue_depth)
+        self._labels["circuit"].set(1 if sup.breaker.state is Circuit.OPEN else 0)
+        self._labels["rss"].set(sup.rss_bytes())
 
-    async def _wait_until(self, predicate: Any, timeout: float) -> bool:
+    async def _wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait until ``predicate()`` holds, re-checking whenever pool state changes."""
         deadline = time.monotonic() + timeout
         while not predicate():
@@ -502,6 +488,3 @@ class WorkerPool(Resource):
             except TimeoutError:
                 return predicate()
         return True
-
-    def notify_changed(self) -> None:
-        self._changed.set()

@@ -8,7 +8,6 @@ never forks of Gru, so they inherit none of its threads, sockets or locks.
 
 from __future__ import annotations
 
-import collections
 import enum
 import os
 import signal
@@ -21,9 +20,9 @@ from typing import TYPE_CHECKING
 
 from minions.ipc.marker import marker_path, read_running_call
 from minions.ipc.worker import TOKEN_ENV
+from minions.pool.events import WorkerRef
 
 if TYPE_CHECKING:
-    from minions.pool.calls import PendingCall
     from minions.pool.verdict import DeathCause
 
 
@@ -51,7 +50,8 @@ def _worker_env(token: str) -> dict[str, str]:
 
 @dataclass(eq=False)
 class WorkerProcess:
-    """A spawned worker and the calls it owes answers for, in the order it will serve them."""
+    """A spawned worker process, as the Supervisor tracks it (the calls it owes are the
+    Dispatcher's: see ``dispatcher.Lane``)."""
 
     worker_id: int
     identity: bytes
@@ -62,12 +62,14 @@ class WorkerProcess:
     phase: Phase = Phase.BOOTING
     spawned_at: float = field(default_factory=time.monotonic)
     calls_served: int = 0
-    inflight: collections.deque[PendingCall] = field(default_factory=collections.deque)
-    head_since: float = 0.0  # monotonic time the call it is running now was started
-    backlog_s: float = 0.0  # predicted run time of the calls it owes (pipelining budget)
     killed_for: DeathCause | None = None
     said_hello: bool = False
     rss_bytes: int = 0
+    last_heard: float = 0.0  # monotonic time of its last frame of any kind
+    ref: WorkerRef = field(init=False)  # how the Dispatcher and events name it
+
+    def __post_init__(self) -> None:
+        self.ref = WorkerRef(self.worker_id, self.popen.pid, self.identity)
 
     @property
     def pid(self) -> int:
@@ -135,13 +137,16 @@ class WorkerProcess:
         self.phase = Phase.DEAD
         return returncode
 
+    def running_call(self) -> int | None:
+        """Id of the call the worker is running now (or was, when it died): its marker."""
+        return read_running_call(marker_path(self.crash_file))
+
     def read_running_call(self) -> int | None:
-        """Id of the call the worker had started and not finished when it died (marker.py)."""
-        path = marker_path(self.crash_file)
+        """After death: the call it had started and not finished; the marker is removed."""
         try:
-            return read_running_call(path)
+            return self.running_call()
         finally:
-            path.unlink(missing_ok=True)
+            marker_path(self.crash_file).unlink(missing_ok=True)
 
     def read_stack(self) -> str:
         """What faulthandler (or a failed boot) wrote; the file is removed afterwards."""

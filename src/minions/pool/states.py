@@ -30,6 +30,13 @@ class Circuit(enum.Enum):
     HALF_OPEN = "half_open"  # trying again with fresh workers
 
 
+class CrashLoopPolicy(enum.Enum):
+    """What a pool does past its restart intensity (OTP's "give up" of a supervisor)."""
+
+    CIRCUIT = "circuit"  # open the circuit and recover by itself; Gru runs on (the default)
+    ESCALATE = "escalate"  # also ask Gru to stop with a failure, so systemd restarts the service
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerSnapshot:
     """One worker process as an operator sees it (``minions status``)."""
@@ -40,7 +47,8 @@ class WorkerSnapshot:
     phase: str  # "booting", "ready", "retiring", "killed"
     rss_bytes: int  # as of the last measurement (0 before the first)
     calls_served: int
-    in_flight: int
+    in_flight: int  # calls it owes answers for (running, pipelined, or answered unflushed)
+    running: str = ""  # the method it is executing right now, per its call marker
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +67,7 @@ class PoolSnapshot:
     pids: tuple[int, ...]
     workers: tuple[WorkerSnapshot, ...] = ()
     restarts: int = 0  # unplanned worker deaths that were replaced, since the pool started
+    circuit_opened: int = 0  # times the circuit opened, since the pool started
 
 
 _OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (

@@ -1,122 +1,149 @@
-"""The supervising half of a ``WorkerPool``: spawn, watch, judge each death, restart, recycle.
+"""The Supervisor: owns the worker processes of one pool.
 
-Design note. The slow loop (:meth:`Supervisor.run`) is a table of contents; everything urgent
-is event-driven instead: a worker's pidfd fires :meth:`on_exit` the moment it dies, a per-call
-timer fires :meth:`_on_deadline`. Every death gets one :class:`~minions.pool.verdict.Verdict`
-that feeds the log line, the metric, the caller's error and the restart decision. Unplanned
-deaths count toward the OTP-style restart intensity; past it the circuit opens (queued and new
-calls get ``PoolUnavailable``) and re-closes once a fresh worker boots after the reset delay.
+Design note. It keeps the process table and decides everything about processes: spawning (active
+workers and booted spares), boot and hello, death detection, restart intensity, backoff, the
+circuit breaker, recycling, and stopping with escalation. It never sees a call. Death is
+event-driven: a worker's pidfd becomes readable the moment it exits and :meth:`on_exit` reaps it,
+reads its call marker, judges it once (:func:`~minions.pool.verdict.classify`) and emits one
+:class:`~minions.pool.events.Death`; the Dispatcher settles the calls. Everything slow happens on
+the pool's tick (:meth:`tick`, every 50 ms): boot deadlines, the circuit's retry time, RSS checks,
+and spawning what is missing. Unplanned deaths count toward the OTP-style restart intensity; past
+it the circuit opens and re-closes once a fresh worker boots after the reset delay.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import signal
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol
 
 import psutil
 
-from minions.errors import CallTimeout, PoisonCall, PoolUnavailable, WorkerCrashed
+from minions.errors import PoolUnavailable
 from minions.ipc import messages as m
+from minions.ipc.endpoint import Endpoint
 from minions.ops import metrics
 from minions.ops.levels import MemoryLevel
-from minions.pool.intensity import RestartDecision
+from minions.pool.circuit import CircuitBreaker
+from minions.pool.config import PoolConfig
+from minions.pool.events import Death, Settlement, WorkerRef
+from minions.pool.intensity import Backoff, RestartDecision, RestartIntensity
 from minions.pool.process import Phase, Role, WorkerProcess
-from minions.pool.states import Circuit, PoolState
+from minions.pool.states import Circuit, WorkerSnapshot
 from minions.pool.verdict import DeathCause, Verdict, classify
-
-if TYPE_CHECKING:
-    from minions.pool.calls import PendingCall
-    from minions.pool.pool import WorkerPool
 
 log = logging.getLogger("minions.pool")
 
-_TICK_S = 0.05
 _DUMP_BEFORE_KILL_S = 0.2  # time faulthandler gets to write a hung worker's stack
 _STOP_ESCALATION_S = 2.0  # polite shutdown -> SIGTERM -> SIGKILL steps
 
 
-class Supervisor:
-    """Owns the worker processes of one pool. Runs on the pool's event loop only."""
+class WorkerEvents(Protocol):
+    """What the Supervisor reports; the pool front forwards worker changes to the Dispatcher."""
 
-    def __init__(self, pool: WorkerPool) -> None:
-        self.pool = pool
-        self.cfg = pool.config
+    def worker_ready(self, worker: WorkerRef) -> None: ...
+    def worker_leaving(self, worker: WorkerRef, doomed: bool) -> bool: ...
+    def worker_died(self, death: Death) -> Settlement: ...
+    def circuit_changed(self, circuit: Circuit, retry_after_s: float) -> None: ...
+    def changed(self) -> None: ...
+
+
+Send = Callable[[bytes, list[bytes]], bool]
+WaitUntil = Callable[[Callable[[], bool], float], Awaitable[bool]]
+
+
+class Supervisor:
+    """Process table, spawning, deaths, intensity, backoff, circuit and recycling of one pool."""
+
+    def __init__(
+        self, config: PoolConfig, pool_name: str, events: WorkerEvents, send: Send
+    ) -> None:
+        self.cfg = config
+        self.pool_name = pool_name
+        self._events = events
+        self._send = send
+        self._workers: dict[bytes, WorkerProcess] = {}
+        self._worker_ids = itertools.count(1)
+        self._intensity = RestartIntensity(config.restart_intensity, config.restart_period_s)
+        self._backoff = Backoff(config.restart_backoff_initial_s, config.restart_backoff_max_s)
+        self.breaker = CircuitBreaker(config.circuit_reset_s, config.circuit_reset_max_s)
+        self.restarts = 0  # unplanned deaths, since the pool started
+        self._endpoint: Endpoint | None = None
+        self._methods: tuple[str, ...] = ()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._supervising = False
         self._next_spawn_at = 0.0
-        self._circuit_retry_at = 0.0
-        self._circuit_reset_s = self.cfg.circuit_reset_s
         self._next_rss_check = 0.0
         self._boot_error: str | None = None
         self._booted: asyncio.Future[None] | None = None
         self._stop_timers: dict[int, asyncio.TimerHandle] = {}
-        self.restarts = 0
 
     # --- the loop ----------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Slow housekeeping; deaths and deadlines are handled the moment they happen."""
-        while True:
-            await asyncio.sleep(_TICK_S)
-            self.enforce_deadlines()
-            self.enforce_boot_deadlines()
-            self.retry_circuit()
-            self.recycle_bloated()
-            self.spawn_missing()
-            self.pool._publish_gauges()
+    def begin(self, endpoint: Endpoint, methods: Iterable[str]) -> None:
+        """Start supervising: spawn the first workers (the hello must list ``methods``)."""
+        self._endpoint = endpoint
+        self._methods = tuple(sorted(methods))
+        self._loop = asyncio.get_running_loop()
+        self._supervising = True
+        self.spawn_missing()
+
+    def tick(self, now: float) -> None:
+        """Slow housekeeping, on the pool's tick; deaths are handled the moment they happen."""
+        self.enforce_boot_deadlines(now)
+        self.retry_circuit(now)
+        self.recycle_bloated(now)
+        self.spawn_missing()
 
     # --- spawning ----------------------------------------------------------------------------
 
     def spawn_missing(self) -> None:
         """Keep ``workers`` active and ``spare_workers`` spare processes booting or ready."""
-        pool = self.pool
-        if pool._state not in (PoolState.STARTING, PoolState.RUNNING):
+        if not self._supervising or self.breaker.state is Circuit.OPEN:
             return
-        if pool._circuit is Circuit.OPEN or time.monotonic() < self._next_spawn_at:
+        if time.monotonic() < self._next_spawn_at:
             return
-        live = [w for w in pool._workers.values() if w.phase in (Phase.BOOTING, Phase.READY)]
+        live = [w for w in self._workers.values() if w.phase in (Phase.BOOTING, Phase.READY)]
         active = sum(1 for w in live if w.role is Role.ACTIVE)
-        spares = len(live) - active
         for _ in range(self.cfg.workers - active):
             self._spawn(Role.ACTIVE)
-        for _ in range(self.cfg.spare_workers - spares):
+        for _ in range(self.cfg.spare_workers - (len(live) - active)):
             self._spawn(Role.SPARE)
 
     def _spawn(self, role: Role) -> None:
-        pool = self.pool
-        assert pool._endpoint is not None and pool._loop is not None
-        worker_id = next(pool._worker_ids)
+        assert self._endpoint is not None and self._loop is not None
+        worker_id = next(self._worker_ids)
         try:
             worker = WorkerProcess.spawn(
                 worker_id=worker_id,
                 identity=f"w{worker_id}-{secrets.token_hex(4)}".encode(),  # unguessable
                 role=role,
                 service=self.cfg.service,
-                endpoint=pool._endpoint.address,
-                token=pool._endpoint.token,
-                crash_file=pool._endpoint.crash_file(worker_id, 0),
+                endpoint=self._endpoint.address,
+                token=self._endpoint.token,
+                crash_file=self._endpoint.crash_file(worker_id, 0),
                 heartbeat_s=self.cfg.heartbeat_s,
             )
         except OSError as exc:
-            log.error("pool %s: cannot spawn a worker: %s", pool.name, exc)
-            self._next_spawn_at = time.monotonic() + pool._backoff.next_delay()
+            log.error("pool %s: cannot spawn a worker: %s", self.pool_name, exc)
+            self._next_spawn_at = time.monotonic() + self._backoff.next_delay()
             return
-        pool._workers[worker.identity] = worker
-        pool._loop.add_reader(worker.pidfd, self.on_exit, worker)
+        self._workers[worker.identity] = worker
+        self._loop.add_reader(worker.pidfd, self.on_exit, worker)
         log.info(
             "pool %s: spawned worker %d (pid %d) as %s",
-            pool.name,
-            worker_id,
-            worker.pid,
-            role.value,
-        )
+            self.pool_name, worker_id, worker.pid, role.value,
+        )  # fmt: skip
 
     async def wait_booted(self) -> None:
         """Wait until every initial active worker said hello; raise if one failed to boot."""
-        assert self.pool._loop is not None
-        self._booted = self.pool._loop.create_future()
+        assert self._loop is not None
+        self._booted = self._loop.create_future()
         self._check_booted()
         await self._booted
 
@@ -126,104 +153,130 @@ class Supervisor:
         if self._boot_error is not None:
             self._booted.set_exception(
                 PoolUnavailable(
-                    self.pool.name,
+                    self.pool_name,
                     f"a worker failed to boot service {self.cfg.service!r}:\n{self._boot_error}",
                 )
             )
-        elif sum(1 for w in self.pool._workers.values() if w.dispatchable) >= self.cfg.workers:
+        elif self.count_dispatchable() >= self.cfg.workers:
             self._booted.set_result(None)
 
+    # --- what workers say ----------------------------------------------------------------------
+
+    def heard(self, identity: bytes) -> WorkerProcess | None:
+        """A frame arrived from ``identity``: the worker, if it is one of ours."""
+        worker = self._workers.get(identity)
+        if worker is not None:
+            worker.last_heard = time.monotonic()
+        return worker
+
     def on_hello(self, worker: WorkerProcess, hello: m.Hello) -> None:
-        pool = self.pool
-        expected = pool._endpoint.token if pool._endpoint is not None else ""
+        """Admit a worker that booted: right token, protocol, pid, service and methods."""
+        expected = self._endpoint.token if self._endpoint is not None else ""
         if worker.said_hello or not secrets.compare_digest(hello.token, expected):
-            pool._on_bad_frame("unauthenticated")
+            metrics.PROTOCOL_ERRORS.labels(self.pool_name, "unauthenticated").inc()
             return
-        if hello.protocol != m.PROTOCOL_VERSION or hello.pid != worker.pid:
-            log.error(
-                "pool %s: worker %d speaks protocol %d (pid %d), expected %d (pid %d)",
-                pool.name,
-                worker.worker_id,
-                hello.protocol,
-                hello.pid,
-                m.PROTOCOL_VERSION,
-                worker.pid,
-            )
-            pool._on_bad_frame("protocol")
+        mismatch = self._hello_mismatch(worker, hello)
+        if mismatch:
+            log.error("pool %s: worker %d refused: %s", self.pool_name, worker.worker_id, mismatch)
+            metrics.PROTOCOL_ERRORS.labels(self.pool_name, "protocol").inc()
+            self._boot_error = mismatch
             self._kill(worker, DeathCause.BOOT_FAILED)
             return
         worker.said_hello = True
         if worker.phase is Phase.BOOTING:
             worker.phase = Phase.READY
-            self.pool.refresh_active()
-        if pool._circuit is Circuit.HALF_OPEN:
-            pool._circuit = Circuit.CLOSED
-            pool._intensity.reset()
-            self._circuit_reset_s = self.cfg.circuit_reset_s
-            log.warning("pool %s: recovered, circuit closed", pool.name)
+            if worker.role is Role.SPARE:
+                self._swap_for_booting(worker)
+            if worker.role is Role.ACTIVE:
+                self._events.worker_ready(worker.ref)
+        if self.breaker.succeeded():
+            self._intensity.reset()
+            log.warning("pool %s: recovered, circuit closed", self.pool_name)
+            self._events.circuit_changed(Circuit.CLOSED, 0.0)
         self._check_booted()
 
-    # --- answers, deadlines, recycling ----------------------------------------------------------
+    def _hello_mismatch(self, worker: WorkerProcess, hello: m.Hello) -> str:
+        if hello.protocol != m.PROTOCOL_VERSION or hello.pid != worker.pid:
+            return (
+                f"it speaks protocol {hello.protocol} as pid {hello.pid}; expected protocol "
+                f"{m.PROTOCOL_VERSION} from pid {worker.pid}"
+            )
+        if hello.service != self.cfg.service or tuple(sorted(hello.methods)) != self._methods:
+            return (
+                f"it serves {hello.service!r} with methods {sorted(hello.methods)}, but this pool "
+                f"expects {self.cfg.service!r} with {list(self._methods)}: is it a worker from an "
+                "older deploy? Restart the service so parent and workers run the same code"
+            )
+        return ""
 
-    def after_answer(self, worker: WorkerProcess) -> None:
-        """A worker answered: retire it if it served its quota, stop it if it is retiring."""
+    def served(self, worker: WorkerProcess, answers: int) -> None:
+        """A worker answered ``answers`` calls: retire it if it served its quota."""
+        worker.calls_served += answers
+        self._backoff.succeeded()
         limit = self.cfg.max_calls_per_worker
         if limit and worker.phase is Phase.READY and worker.calls_served >= limit:
             self.retire(worker, "max_calls")
-        if worker.phase is Phase.RETIRING and not worker.inflight:
-            self._stop(worker, DeathCause.RECYCLED)
-        self.pool.notify_changed()
 
-    def enforce_deadlines(self) -> None:
-        """Kill workers whose current call overran ``call_timeout_s`` (checked every tick:
-        a timestamp per call is far cheaper than a timer per call on the hot path)."""
-        now = time.monotonic()
-        for worker in list(self.pool._workers.values()):
-            if (
-                worker.inflight
-                and worker.phase in (Phase.READY, Phase.RETIRING)
-                and now - worker.head_since > self.cfg.call_timeout_s
-            ):
-                log.warning(
-                    "pool %s: worker %d (pid %d) exceeded %gs on %s(); killing it",
-                    self.pool.name, worker.worker_id, worker.pid, self.cfg.call_timeout_s,
-                    worker.inflight[0].method,
-                )  # fmt: skip
-                worker.send_signal(signal.SIGUSR1)  # faulthandler dumps where it is stuck
-                self._kill(worker, DeathCause.TIMEOUT, delay=_DUMP_BEFORE_KILL_S)
+    # --- what the Dispatcher reports -----------------------------------------------------------
 
-    def lose(self, worker: WorkerProcess) -> None:
+    def kill_overran(self, ref: WorkerRef, method: str, timeout_s: float) -> None:
+        """A call overran its timeout: dump the worker's stack, then SIGKILL it."""
+        worker = self._workers.get(ref.identity)
+        if worker is None or worker.phase in (Phase.KILLED, Phase.DEAD):
+            return
+        log.warning(
+            "pool %s: worker %d (pid %d) exceeded %gs on %s(); killing it",
+            self.pool_name, worker.worker_id, worker.pid, timeout_s, method,
+        )  # fmt: skip
+        worker.send_signal(signal.SIGUSR1)  # faulthandler dumps where it is stuck
+        self._kill(worker, DeathCause.TIMEOUT, delay=_DUMP_BEFORE_KILL_S)
+
+    def lose(self, ref: WorkerRef) -> None:
         """The worker's socket is gone while its process lingers: kill it, its calls follow."""
-        self._kill(worker, DeathCause.LOST)
+        worker = self._workers.get(ref.identity)
+        if worker is not None:
+            self._kill(worker, DeathCause.LOST)
+
+    def drained(self, ref: WorkerRef) -> None:
+        """A retiring worker owes nothing any more: stop it."""
+        worker = self._workers.get(ref.identity)
+        if worker is not None and worker.phase is Phase.RETIRING:
+            self._stop(worker, DeathCause.RECYCLED)
+
+    # --- recycling -----------------------------------------------------------------------------
 
     def retire(self, worker: WorkerProcess, reason: str) -> None:
-        """Stop dispatching to a worker, replace it now, stop it once its calls are answered."""
+        """Stop dispatching to a worker, replace it now, stop it once it owes nothing."""
         if worker.phase is not Phase.READY:
             return
         worker.phase = Phase.RETIRING
-        metrics.WORKER_RECYCLES.labels(self.pool.name, reason).inc()
+        metrics.WORKER_RECYCLES.labels(self.pool_name, reason).inc()
         log.info(
             "pool %s: recycling worker %d (pid %d, %d calls, %.0f MiB): %s",
-            self.pool.name,
-            worker.worker_id,
-            worker.pid,
-            worker.calls_served,
-            worker.rss_bytes / 2**20,
-            reason,
-        )
+            self.pool_name, worker.worker_id, worker.pid, worker.calls_served,
+            worker.rss_bytes / 2**20, reason,
+        )  # fmt: skip
+        owes_nothing = self._events.worker_leaving(worker.ref, doomed=False)
         self._promote_spare(worker)
         self.spawn_missing()
-        if not worker.inflight:
+        if owes_nothing:
             self._stop(worker, DeathCause.RECYCLED)
 
-    def recycle_bloated(self, force: bool = False) -> None:
+    def retire_by_id(self, worker_id: int, reason: str) -> bool:
+        """Retire the worker with this id if it is still serving; ``False`` if it is gone."""
+        for worker in self._workers.values():
+            if worker.worker_id == worker_id and worker.phase is Phase.READY:
+                self.retire(worker, reason)
+                return True
+        return False
+
+    def recycle_bloated(self, now: float, force: bool = False) -> None:
         """Measure workers' RSS (psutil) and retire those above ``max_rss_mb``."""
-        now = time.monotonic()
         if not force and now < self._next_rss_check:
             return
         self._next_rss_check = now + self.cfg.rss_check_s
         limit = self.cfg.max_rss_mb * 2**20
-        for worker in list(self.pool._workers.values()):
+        for worker in list(self._workers.values()):
             if worker.phase is not Phase.READY:
                 continue
             try:
@@ -235,32 +288,27 @@ class Supervisor:
 
     def relieve_memory(self, level: MemoryLevel) -> None:
         """Memory pressure rose: recycle workers over their own limit, at CRITICAL the largest."""
-        self.recycle_bloated(force=True)
+        self.recycle_bloated(time.monotonic(), force=True)
         if level is MemoryLevel.CRITICAL:
-            ready = [w for w in self.pool._workers.values() if w.phase is Phase.READY]
+            ready = [w for w in self._workers.values() if w.phase is Phase.READY]
             if ready:
                 self.retire(max(ready, key=lambda w: w.rss_bytes), "memory")
 
-    def enforce_boot_deadlines(self) -> None:
-        now = time.monotonic()
-        for worker in list(self.pool._workers.values()):
+    def enforce_boot_deadlines(self, now: float) -> None:
+        for worker in list(self._workers.values()):
             if worker.phase is Phase.BOOTING and now - worker.spawned_at > self.cfg.boot_timeout_s:
                 log.error(
                     "pool %s: worker %d (pid %d) did not boot within %gs; killing it",
-                    self.pool.name,
-                    worker.worker_id,
-                    worker.pid,
-                    self.cfg.boot_timeout_s,
-                )
+                    self.pool_name, worker.worker_id, worker.pid, self.cfg.boot_timeout_s,
+                )  # fmt: skip
                 self._kill(worker, DeathCause.BOOT_FAILED)
 
-    # --- deaths -------------------------------------------------------------------------------
+    # --- deaths --------------------------------------------------------------------------------
 
     def on_exit(self, worker: WorkerProcess) -> None:
-        """The worker's pidfd fired: reap it, judge once, settle its calls, replace it."""
-        pool = self.pool
-        assert pool._loop is not None
-        pool._loop.remove_reader(worker.pidfd)
+        """The worker's pidfd fired: reap it, judge once, emit its Death, replace it."""
+        assert self._loop is not None
+        self._loop.remove_reader(worker.pidfd)
         timer = self._stop_timers.pop(worker.worker_id, None)
         if timer is not None:
             timer.cancel()
@@ -272,208 +320,178 @@ class Supervisor:
             said_hello=worker.said_hello,
             stack=worker.read_stack(),
         )
-        del pool._workers[worker.identity]
-        self._report(worker, verdict, running)
-        self._settle_calls(worker, verdict, running)
+        settled = self._events.worker_died(Death(worker.ref, verdict, running))
+        del self._workers[worker.identity]
+        self._report(worker, verdict, settled)
         if not verdict.cause.planned:
-            self._count_restart(verdict)
+            self._count_restart(time.monotonic())
         self._promote_spare(worker)
         self.spawn_missing()
         self._check_booted()
-        pool.dispatch()
-        pool.notify_changed()
+        self._events.changed()
 
-    def _report(self, worker: WorkerProcess, verdict: Verdict, running: int | None) -> None:
-        pool = self.pool
-        culprit = next((c for c in worker.inflight if c.call_id == running), None)
-        method = culprit.method + "()" if culprit else "no call"
+    def _report(self, worker: WorkerProcess, verdict: Verdict, settled: Settlement) -> None:
+        """The one log line (and metric) of a death, from its one verdict."""
+        requeued = (
+            f"; {settled.requeued} calls it owed go back to the queue (not started, or their "
+            "replies died with it)"
+            if settled.requeued
+            else ""
+        )
         if verdict.cause.planned:
             log.info(
-                "pool %s: worker %d (pid %d) stopped (%s)",
-                pool.name,
-                worker.worker_id,
-                worker.pid,
-                verdict.cause.value,
-            )
+                "pool %s: worker %d (pid %d) stopped (%s)%s",
+                self.pool_name, worker.worker_id, worker.pid, verdict.cause.value, requeued,
+            )  # fmt: skip
             return
-        metrics.WORKER_CRASHES.labels(pool.name, verdict.label).inc()
+        metrics.WORKER_CRASHES.labels(self.pool_name, verdict.label).inc()
         log.warning(
-            "pool %s: worker %d (pid %d) died of %s while running %s",
-            pool.name,
-            worker.worker_id,
-            worker.pid,
-            verdict.describe(),
-            method,
-        )
-        if verdict.cause is DeathCause.BOOT_FAILED:
+            "pool %s: worker %d (pid %d) died of %s while running %s%s",
+            self.pool_name, worker.worker_id, worker.pid, verdict.describe(),
+            f"{settled.method}()" if settled.method else "no call", requeued,
+        )  # fmt: skip
+        if verdict.cause is DeathCause.BOOT_FAILED and self._boot_error is None:
             self._boot_error = verdict.stack or verdict.describe()
 
-    def _settle_calls(self, worker: WorkerProcess, verdict: Verdict, running: int | None) -> None:
-        """Blame only the call the worker was running (per its marker); re-queue the others.
-
-        Calls before it finished but their replies died with the process; calls after it never
-        started. Both run again on another worker (at-least-once for them, documented).
-        """
-        calls = list(worker.inflight)
-        worker.inflight.clear()
-        self.pool._in_flight -= len(calls)
-        culprit = next((c for c in calls if c.call_id == running), None)
-        if culprit is None and verdict.cause is DeathCause.TIMEOUT and calls:
-            culprit = calls[0]
-        self.pool.requeue_front([c for c in calls if c is not culprit])
-        if culprit is None:
-            return
-        if verdict.cause is DeathCause.STOPPED:
-            culprit.fail(PoolUnavailable(self.pool.name, "the pool shut down while the call ran"))
-        elif verdict.cause is DeathCause.RECYCLED:
-            self.pool.requeue_front([culprit])
-        elif verdict.cause is DeathCause.TIMEOUT:
-            culprit.fail(
-                CallTimeout(
-                    pool=self.pool.name, worker_id=worker.worker_id, pid=worker.pid,
-                    method=culprit.method, timeout_s=self.cfg.call_timeout_s, stack=verdict.stack,
-                )
-            )  # fmt: skip
-        else:
-            self._crashed(culprit, worker, verdict)
-
-    def _crashed(self, call: PendingCall, worker: WorkerProcess, verdict: Verdict) -> None:
-        call.crashes += 1
-        retries = self.cfg.retries_on_crash
-        if call.crashes <= retries:
-            metrics.WORKER_CALL_RETRIES.labels(self.pool.name).inc()
-            log.info(
-                "pool %s: retrying %s() on a fresh worker (attempt %d of %d)",
-                self.pool.name, call.method, call.crashes + 1, retries + 1,
-            )  # fmt: skip
-            self.pool.requeue_front([call])
-        elif retries > 0:
-            self.pool._quarantine[call.fingerprint] = time.monotonic() + self.cfg.poison_ttl_s
-            hint = (
-                f"it crashed {call.crashes} workers, so it is not retried again and the same "
-                f"method+arguments fail fast for {self.cfg.poison_ttl_s:g}s"
-            )
-            call.fail(self._crash_error(PoisonCall, call, worker, verdict, hint))
-        else:
-            hint = (
-                "the call was not retried because retries_on_crash = 0; set it on the pool "
-                "if the method is safe to run again"
-            )
-            call.fail(self._crash_error(WorkerCrashed, call, worker, verdict, hint))
-
-    def _crash_error(
-        self,
-        cls: type[WorkerCrashed],
-        call: PendingCall,
-        worker: WorkerProcess,
-        verdict: Verdict,
-        hint: str,
-    ) -> WorkerCrashed:
-        return cls(
-            pool=self.pool.name, worker_id=worker.worker_id, pid=worker.pid, method=call.method,
-            signal=verdict.signal, exit_code=verdict.exit_code, reason=verdict.explanation,
-            stack=verdict.stack, attempts=call.crashes, hint=hint,
-        )  # fmt: skip
-
-    def _count_restart(self, verdict: Verdict) -> None:
-        pool = self.pool
-        metrics.WORKER_RESTARTS.labels(pool.name).inc()
+    def _count_restart(self, now: float) -> None:
+        metrics.WORKER_RESTARTS.labels(self.pool_name).inc()
         self.restarts += 1
-        now = time.monotonic()
-        self._next_spawn_at = now + pool._backoff.next_delay()
-        give_up = pool._intensity.record(now) is RestartDecision.GIVE_UP
-        if pool._circuit is Circuit.HALF_OPEN or (give_up and pool._circuit is Circuit.CLOSED):
-            self._open_circuit(now)
+        self._next_spawn_at = now + self._backoff.next_delay()
+        give_up = self._intensity.record(now) is RestartDecision.GIVE_UP
+        state = self.breaker.state
+        if state is Circuit.HALF_OPEN or (give_up and state is Circuit.CLOSED):
+            self.breaker.trip(now)
+            log.error(
+                "pool %s: more than %d worker restarts in %gs: circuit open, calls fail with "
+                "PoolUnavailable; trying again in %gs",
+                self.pool_name, self.cfg.restart_intensity, self.cfg.restart_period_s,
+                self.breaker.reset_s,
+            )  # fmt: skip
+            self._events.circuit_changed(Circuit.OPEN, self.breaker.reset_s)
 
-    def _open_circuit(self, now: float) -> None:
-        pool = self.pool
-        if pool._circuit is Circuit.HALF_OPEN:
-            self._circuit_reset_s = min(self._circuit_reset_s * 2, 60.0)
-        pool._circuit = Circuit.OPEN
-        self._circuit_retry_at = now + self._circuit_reset_s
-        log.error(
-            "pool %s: more than %d worker restarts in %gs: circuit open, calls fail with "
-            "PoolUnavailable; trying again in %gs",
-            pool.name,
-            self.cfg.restart_intensity,
-            self.cfg.restart_period_s,
-            self._circuit_reset_s,
-        )
-        pool._fail_queue(
-            PoolUnavailable(
-                pool.name, "the pool is crash-looping (circuit open)", self._circuit_reset_s
-            )
-        )
-        pool._publish_gauges()
-
-    def retry_circuit(self) -> None:
-        pool = self.pool
-        if pool._circuit is Circuit.OPEN and time.monotonic() >= self._circuit_retry_at:
-            pool._circuit = Circuit.HALF_OPEN
+    def retry_circuit(self, now: float) -> None:
+        if self.breaker.poll(now):
             self._next_spawn_at = 0.0
-            log.warning("pool %s: circuit half-open, starting fresh workers", pool.name)
+            log.warning("pool %s: circuit half-open, starting fresh workers", self.pool_name)
+            self._events.circuit_changed(Circuit.HALF_OPEN, 0.0)
 
-    def retry_after(self) -> float:
-        return max(0.0, self._circuit_retry_at - time.monotonic())
+    def _swap_for_booting(self, spare: WorkerProcess) -> None:
+        """A spare booted while an active slot still waits for its replacement to boot: the
+        spare serves now and the booting one becomes the spare."""
+        waiting = (w for w in self._workers.values() if w.role is Role.ACTIVE)
+        booting = next((w for w in waiting if w.phase is Phase.BOOTING), None)
+        if booting is not None:
+            booting.role, spare.role = Role.SPARE, Role.ACTIVE
 
     def _promote_spare(self, gone: WorkerProcess) -> None:
         """``gone`` stops taking calls: hand its active slot to a ready spare, if any."""
-        if gone.role is Role.ACTIVE:
-            gone.role = Role.SPARE  # it no longer holds an active slot
-            for worker in self.pool._workers.values():
-                if worker.role is Role.SPARE and worker.phase is Phase.READY:
-                    worker.role = Role.ACTIVE
-                    break
-        self.pool.refresh_active()
+        if gone.role is not Role.ACTIVE:
+            return
+        gone.role = Role.SPARE  # it no longer holds an active slot
+        for worker in self._workers.values():
+            if worker.role is Role.SPARE and worker.phase is Phase.READY:
+                worker.role = Role.ACTIVE
+                self._events.worker_ready(worker.ref)
+                return
 
-    def serving(self) -> bool:
-        return any(w.dispatchable for w in self.pool._workers.values())
-
-    # --- stopping -----------------------------------------------------------------------------
+    # --- stopping ------------------------------------------------------------------------------
 
     def _kill(self, worker: WorkerProcess, cause: DeathCause, delay: float = 0.0) -> None:
-        if worker.phase is Phase.DEAD:
+        if worker.phase in (Phase.KILLED, Phase.DEAD):
             return
+        if worker.dispatchable or worker.phase is Phase.RETIRING:
+            self._events.worker_leaving(worker.ref, doomed=True)
         worker.killed_for = cause
         worker.phase = Phase.KILLED
         self._promote_spare(worker)
-        if delay and self.pool._loop is not None:
-            self._stop_timers[worker.worker_id] = self.pool._loop.call_later(
+        if delay and self._loop is not None:
+            self._stop_timers[worker.worker_id] = self._loop.call_later(
                 delay, worker.send_signal, signal.SIGKILL
             )
         else:
             worker.send_signal(signal.SIGKILL)
         self.spawn_missing()
 
-    def _stop(self, worker: WorkerProcess, cause: DeathCause) -> None:
+    def _stop(self, worker: WorkerProcess, cause: DeathCause, step_s: float = 0.0) -> None:
         """Ask politely; escalate to SIGTERM then SIGKILL on monotonic deadlines."""
         worker.killed_for = cause
-        if self.pool._channel is not None and worker.said_hello:
-            self.pool._channel.send(worker.identity, [m.encoder.encode(m.Shutdown(cause.value))])
+        if worker.said_hello:
+            self._send(worker.identity, [m.encoder.encode(m.Shutdown(cause.value))])
         else:
             worker.send_signal(signal.SIGTERM)
-        self._escalate(worker, signal.SIGTERM)
+        self._escalate(worker, signal.SIGTERM, step_s or _STOP_ESCALATION_S)
 
-    def _escalate(self, worker: WorkerProcess, signum: int) -> None:
+    def _escalate(self, worker: WorkerProcess, signum: int, step_s: float) -> None:
         def fire() -> None:
             if worker.phase is Phase.DEAD:
                 return
             worker.send_signal(signum)
             if signum != signal.SIGKILL:
-                self._escalate(worker, signal.SIGKILL)
+                self._escalate(worker, signal.SIGKILL, step_s)
 
-        assert self.pool._loop is not None
-        self._stop_timers[worker.worker_id] = self.pool._loop.call_later(_STOP_ESCALATION_S, fire)
+        assert self._loop is not None
+        self._stop_timers[worker.worker_id] = self._loop.call_later(step_s, fire)
 
-    async def stop_all(self) -> None:
-        """Stop every worker (pool shutdown) and wait until all are reaped."""
-        for worker in list(self.pool._workers.values()):
+    async def stop_all(self, deadline: float, wait_until: WaitUntil) -> None:
+        """Stop every worker (pool shutdown) by ``deadline`` and wait until all are reaped:
+        polite, then SIGTERM, then SIGKILL, each step a third of the time that is left."""
+        self._supervising = False
+        step = min(_STOP_ESCALATION_S, max(0.05, (deadline - time.monotonic()) / 3))
+        for worker in list(self._workers.values()):
             if worker.phase in (Phase.READY, Phase.RETIRING, Phase.BOOTING):
+                if worker.dispatchable or worker.phase is Phase.RETIRING:
+                    self._events.worker_leaving(worker.ref, doomed=True)
                 worker.phase = Phase.RETIRING
-                self._stop(worker, DeathCause.STOPPED)
-        self.pool.refresh_active()
-        ok = await self.pool._wait_until(lambda: not self.pool._workers, 3 * _STOP_ESCALATION_S)
+                self._stop(worker, DeathCause.STOPPED, step)
+        ok = await wait_until(lambda: not self._workers, 3 * step + 1.0)
         if not ok:  # cannot happen unless the kernel refuses SIGKILL; never leave a zombie
-            for worker in list(self.pool._workers.values()):
+            for worker in list(self._workers.values()):
                 worker.send_signal(signal.SIGKILL)
                 self.on_exit(worker)
+
+    # --- observation ---------------------------------------------------------------------------
+
+    def count_dispatchable(self) -> int:
+        return sum(1 for w in self._workers.values() if w.dispatchable)
+
+    def count(self, phase: Phase, dispatchable: bool | None = None) -> int:
+        return sum(
+            1
+            for w in self._workers.values()
+            if w.phase is phase and (dispatchable is None or w.dispatchable == dispatchable)
+        )
+
+    def pids(self) -> list[int]:
+        """Pids of every live worker process (for the memory monitor)."""
+        return [w.pid for w in self._workers.values() if w.phase is not Phase.DEAD]
+
+    def rss_bytes(self) -> int:
+        return sum(w.rss_bytes for w in self._workers.values())
+
+    def rows(
+        self, calls: Callable[[bytes, int | None], tuple[int, str]]
+    ) -> tuple[WorkerSnapshot, ...]:
+        """One row per live worker; ``calls(identity, running_call_id)`` is the Dispatcher's
+        (calls owed, method running)."""
+        rows = []
+        for w in self._workers.values():
+            if w.phase is Phase.DEAD:
+                continue
+            owed, running = calls(w.identity, w.running_call() if w.said_hello else None)
+            rows.append(
+                WorkerSnapshot(
+                    worker_id=w.worker_id,
+                    pid=w.pid,
+                    role=w.role.value,
+                    phase=w.phase.value,
+                    rss_bytes=w.rss_bytes,
+                    calls_served=w.calls_served,
+                    in_flight=owed,
+                    running=running,
+                )
+            )
+        return tuple(rows)
+
+    @property
+    def empty(self) -> bool:
+        return not self._workers
