@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+from types import ModuleType
+from typing import Any
+
+import msgspec
+
 from minions.workers import WorkerService, expose
 
 
@@ -31,3 +37,69 @@ class Liar(WorkerService):
     @expose
     def answer(self) -> int:
         return "forty-two"  # type: ignore[return-value]
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ itself fails")
+
+
+class Hostile(WorkerService):
+    """Handlers that return or raise what a worker must survive (found by fuzzing)."""
+
+    @expose
+    def unprintable(self) -> None:
+        raise Unprintable()
+
+    @expose
+    def deep(self, depth: int) -> Any:
+        value: list[Any] = []
+        for _ in range(depth):
+            value = [value]
+        return value
+
+    @expose
+    def deep_raw(self, depth: int) -> Any:
+        """Pre-encoded msgpack nested ``depth`` deep: the bytes reach the parent as they are."""
+        return msgspec.Raw(b"\x91" * depth + b"\x90")
+
+    @expose
+    def ping(self, x: int) -> int:
+        return x
+
+
+class Pipelined(WorkerService):
+    """A cheap native call that segfaults on request: once its cost is measured, calls to it
+    are pipelined, so calls really are queued on a worker behind one that crashes."""
+
+    _n: ModuleType
+
+    def setup(self) -> None:
+        from native_demo import _native  # type: ignore[attr-defined]
+
+        self._n = _native
+
+    @expose
+    def step(self, i: int, crash: bool = False) -> int:
+        if crash:
+            self._n.segfault()
+        return self._n.ping(i)
+
+
+def _in_worker() -> bool:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec is not None and spec.name == "minions.ipc.worker"
+
+
+class Drifted(WorkerService):
+    """Its workers expose a method the parent's copy does not: a worker from another deploy."""
+
+    @expose
+    def ping(self, x: int) -> int:
+        return x
+
+    if _in_worker():
+
+        @expose
+        def added_by_a_later_deploy(self) -> None:
+            return None

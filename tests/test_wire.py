@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 
 import msgspec
@@ -9,11 +10,13 @@ import pytest
 import zmq
 
 from conftest import run
+from minions.errors import PoolUnavailable, RemoteError
 from minions.ipc import messages as m
 from minions.ipc.service import describe, expose
 from minions.ipc.worker import _Handler, serve_call
 from minions.ops import metrics
-from minions.workers import WorkerService
+from minions.ops.metrics import REGISTRY
+from minions.workers import WorkerPool, WorkerService
 from pools import DemoPool
 
 
@@ -85,12 +88,6 @@ def test_worker_reports_handler_exceptions_and_unknown_methods() -> None:
     assert isinstance(reply, m.Failure) and reply.kind is m.FailureKind.UNKNOWN_METHOD
 
 
-def test_expired_call_is_not_started() -> None:
-    call = m.Call(1, "add", msgspec.Raw(m.encoder.encode((1, 2))), msgspec.Raw(m.EMPTY_MAP), 1.0)
-    reply = m.parent_decoder.decode(serve_call(_handlers(), call))
-    assert isinstance(reply, m.Failure) and reply.kind is m.FailureKind.EXPIRED
-
-
 def test_expose_rejects_star_args() -> None:
     with pytest.raises(TypeError, match="args"):
 
@@ -141,11 +138,101 @@ def test_rogue_peers_are_counted_and_ignored() -> None:
 def test_garbage_to_a_worker_is_dropped_and_it_keeps_serving() -> None:
     async def scenario() -> None:
         async with DemoPool() as pool:
-            worker = next(iter(pool._workers.values()))
-            assert pool._channel is not None
-            pool._channel.send(worker.identity, [b"\xc1not msgpack"])
-            pool._channel.send(worker.identity, [m.encoder.encode(["call", "too", "short"])])
-            assert await pool.call("pid") in pool.worker_pids()
-            assert worker.pid in pool.worker_pids()
+            pids = pool.worker_pids()
+            for identity in pool._supervisor._workers:  # the parent's own channel to each worker
+                pool._send(identity, [b"\xc1not msgpack"])
+                pool._send(identity, [m.encoder.encode(["call", "too", "short"])])
+            for _ in range(4):
+                assert await pool.call("pid") in pids
+            assert pool.worker_pids() == pids
+
+    run(scenario())
+
+
+class HostilePool(WorkerPool):
+    service = "services:Hostile"
+    workers = 1
+    call_timeout_s = 10.0
+
+
+def test_a_worker_survives_whatever_its_handler_returns_or_raises() -> None:
+    """Found by fuzzing: an exception whose __str__ raises, and a result nested too deeply to
+    encode, each killed the worker; both are RemoteErrors now and the worker serves on."""
+
+    async def scenario() -> None:
+        async with HostilePool() as pool:
+            pid = await pool.call("ping", 1) and pool.worker_pids()[0]
+            with pytest.raises(RemoteError) as info:
+                await pool.call("unprintable")
+            assert info.value.kind == "exception" and info.value.type_name == "Unprintable"
+            assert "unprintable message" in info.value.message
+            with pytest.raises(RemoteError) as info:
+                await pool.call("deep", 200_000)
+            assert info.value.kind == "unencodable-result"
+            assert "RecursionError" in info.value.type_name or "recursion" in info.value.message
+            assert await pool.call("ping", 2) == 2
+            assert pool.worker_pids() == [pid] and pool.snapshot().restarts == 0
+
+    run(scenario())
+
+
+def test_an_undecodable_reply_fails_its_call_at_once_and_the_drain_goes_on() -> None:
+    """Found by fuzzing: a frame nested 200,000 deep made the parent's decoder raise
+    RecursionError out of the channel's drain; later an innocent worker's call timed out."""
+
+    async def scenario() -> None:
+        decode_errors = metrics.PROTOCOL_ERRORS.labels("HostilePool", "decode")
+        before = decode_errors._value.get()
+        async with HostilePool() as pool:
+            pid = pool.worker_pids()[0]
+            for i in range(20):  # measured costs: the calls below are pipelined together
+                assert await pool.call("deep_raw", 2) == [[[]]]
+                assert await pool.call("ping", i) == i
+            bad = asyncio.create_task(pool.call("deep_raw", 200_000))
+            pings = [asyncio.create_task(pool.call("ping", i)) for i in range(20)]
+            await asyncio.sleep(0)
+            assert pool.snapshot().in_flight > 1  # the bad reply arrives amid good ones
+            with pytest.raises(RemoteError) as info:
+                await bad
+            assert info.value.kind == "invalid-result" and "RecursionError" in info.value.message
+            assert await asyncio.gather(*pings) == list(range(20))
+            assert decode_errors._value.get() == before + 1
+            assert pool.worker_pids() == [pid]  # nobody was killed for it
+
+    run(scenario())
+
+
+def test_unknown_method_names_share_one_metric_label() -> None:
+    async def scenario() -> None:
+        async with DemoPool() as pool:
+            for i in range(20):
+                with pytest.raises(RemoteError):
+                    await pool.call(f"nope_{i}")
+        methods = {
+            sample.labels["method"]
+            for family in REGISTRY.collect()
+            if family.name == "minions_worker_calls"
+            for sample in family.samples
+            if sample.labels.get("pool") == "DemoPool"
+        }
+        assert "(unknown)" in methods and not any(m.startswith("nope_") for m in methods)
+
+    run(scenario())
+
+
+def test_a_worker_from_another_deploy_is_refused_with_a_clear_error() -> None:
+    class DriftedPool(WorkerPool):
+        service = "services:Drifted"
+        workers = 1
+
+    async def scenario() -> None:
+        pool = DriftedPool()
+        try:
+            with pytest.raises(PoolUnavailable) as info:
+                await pool.startup()
+        finally:
+            await pool.shutdown()
+        assert "added_by_a_later_deploy" in str(info.value) and "older deploy" in str(info.value)
+        assert pool.worker_pids() == []
 
     run(scenario())

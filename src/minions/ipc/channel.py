@@ -90,6 +90,12 @@ class RouterChannel:
                 self._schedule_drain()
         return True
 
+    def poll(self) -> None:
+        """Handle what has arrived right now, synchronously (the pool does this before settling
+        a dead worker's calls, so answers it delivered before dying are not lost)."""
+        if self._sock is not None:
+            self._drain()
+
     def _schedule_drain(self) -> None:
         if not self._drain_scheduled and self._loop is not None:
             self._drain_scheduled = True
@@ -109,10 +115,14 @@ class RouterChannel:
                 payloads = []
                 while sock.getsockopt(_RCVMORE):
                     payloads.append(sock.recv(_NOBLOCK))
-                if payloads:
-                    self._on_frames(identity, payloads)
-                else:
+                if not payloads:
                     self._on_bad("shape")
+                    continue
+                try:
+                    self._on_frames(identity, payloads)
+                except Exception:  # the owner's bug must not stop the drain mid-batch
+                    log.exception("handling a message failed; it was dropped")
+                    self._on_bad("handler")
         except zmq.ZMQError as exc:  # socket closed under us during shutdown
             log.debug("router recv failed: %s", exc)
             return

@@ -15,7 +15,7 @@ import enum
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: msgpack encoding of an empty map: the ``kwargs`` of a call that has none.
 EMPTY_MAP = b"\x80"
@@ -28,11 +28,12 @@ class FailureKind(enum.Enum):
     INVALID_ARGS = "invalid-args"
     UNKNOWN_METHOD = "unknown-method"
     UNENCODABLE_RESULT = "unencodable-result"
-    EXPIRED = "expired"
 
 
 class Hello(msgspec.Struct, frozen=True, tag="hello", array_like=True):
-    """First message of a worker, sent once ``setup()`` succeeded. Must carry the pool's token."""
+    """First message of a worker, sent once ``setup()`` succeeded. Must carry the pool's token;
+    the pool refuses a worker whose protocol, pid, service or method list is not what it
+    expects (a worker left over from an older deploy)."""
 
     protocol: int
     worker_id: int
@@ -43,15 +44,13 @@ class Hello(msgspec.Struct, frozen=True, tag="hello", array_like=True):
 
 
 class Call(msgspec.Struct, frozen=True, tag="call", array_like=True):
-    """Run ``method(*args, **kwargs)``. ``deadline`` is an absolute ``time.monotonic()`` value
-    (CLOCK_MONOTONIC is system-wide on Linux) after which the worker must not start the call;
-    ``0.0`` means none."""
+    """Run ``method(*args, **kwargs)``. Deadlines are the parent's alone: it kills a worker
+    whose call overran, which is the only way to end a native call stuck holding the GIL."""
 
     call_id: int
     method: str
     args: msgspec.Raw
     kwargs: msgspec.Raw
-    deadline: float = 0.0
 
 
 class Result(msgspec.Struct, frozen=True, tag="result", array_like=True):
@@ -72,8 +71,9 @@ class Failure(msgspec.Struct, frozen=True, tag="failure", array_like=True):
 
 
 class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat", array_like=True):
-    """Liveness ping. Workers send one when idle; the parent answers so workers can tell a live
-    parent from a dead one even without ``PR_SET_PDEATHSIG``."""
+    """Liveness ping an idle worker sends every ``heartbeat_s``; the parent notes when it last
+    heard from each worker and does not answer. A worker learns of its parent's death from
+    ``PR_SET_PDEATHSIG`` and its idle-time ``getppid()`` check, not from heartbeats."""
 
     sent_at: float = 0.0
 

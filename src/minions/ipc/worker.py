@@ -16,7 +16,6 @@ import faulthandler
 import os
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import IO, Any
@@ -87,30 +86,43 @@ class _Handler:
         return msgspec.structs.astuple(msgspec.convert(values, self.spec.args_type))
 
 
+def _describe(exc: BaseException) -> str:
+    """``str(exc)``, even for an exception whose ``__str__`` raises."""
+    try:
+        return str(exc)
+    except Exception as inner:
+        return f"<{type(exc).__qualname__} with an unprintable message: {type(inner).__name__}>"
+
+
+def _traceback() -> str:
+    try:
+        return traceback.format_exc()
+    except Exception:  # formatting calls __str__ again; the type and frames still help
+        return f"<traceback could not be formatted>\n{''.join(traceback.format_stack())}"
+
+
 def _failure(call_id: int, kind: m.FailureKind, exc: BaseException, tb: str = "") -> bytes:
-    return m.encoder.encode(m.Failure(call_id, kind, type(exc).__qualname__, str(exc), tb))
+    return m.encoder.encode(m.Failure(call_id, kind, type(exc).__qualname__, _describe(exc), tb))
 
 
 def serve_call(handlers: dict[str, _Handler], call: m.Call) -> bytes:
-    """Run one call and return the encoded Result or Failure. Never raises ``Exception``."""
-    if call.deadline and time.monotonic() > call.deadline:
-        late = TimeoutError("the call's deadline passed before the worker could start it")
-        return _failure(call.call_id, m.FailureKind.EXPIRED, late)
+    """Run one call and return the encoded Result or Failure. Never raises ``Exception``:
+    whatever the handler raises or returns, the worker lives on."""
     handler = handlers.get(call.method)
     if handler is None:
         unknown = LookupError(f"unknown method {call.method!r}; exposed: {sorted(handlers)}")
         return _failure(call.call_id, m.FailureKind.UNKNOWN_METHOD, unknown)
     try:
         args = handler.bind(call)
-    except (msgspec.ValidationError, msgspec.DecodeError, TypeError) as exc:
+    except Exception as exc:  # ValidationError, DecodeError, TypeError, RecursionError
         return _failure(call.call_id, m.FailureKind.INVALID_ARGS, exc)
     try:
         value = handler.func(*args)
     except Exception as exc:
-        return _failure(call.call_id, m.FailureKind.EXCEPTION, exc, traceback.format_exc())
+        return _failure(call.call_id, m.FailureKind.EXCEPTION, exc, _traceback())
     try:
         return m.encoder.encode(m.Result(call.call_id, msgspec.Raw(m.encoder.encode(value))))
-    except (TypeError, ValueError, OverflowError) as exc:
+    except Exception as exc:  # TypeError, OverflowError, RecursionError (too deeply nested)
         return _failure(call.call_id, m.FailureKind.UNENCODABLE_RESULT, exc)
 
 
@@ -179,7 +191,7 @@ def _serve(
         for frame in frames:
             try:
                 msg = m.worker_decoder.decode(frame)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except Exception as exc:  # DecodeError, ValidationError, RecursionError
                 error = ProtocolError(f"undecodable frame from the pool: {exc}")
                 print(f"minions worker {args.worker_id}: dropped {error!r}", file=sys.stderr)
                 continue
