@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pathlib
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 
 import psutil
 import pytest
 
-from conftest import run
+from conftest import eventually, run
 from minions.errors import Overloaded, PoolUnavailable, RemoteError, WorkerCrashed
 from minions.ops import metrics
 from minions.workers import Circuit, MemoryLevel, PoolConfig, WorkerPool
-from pools import SERVICE, BadServicePool, DemoPool
+from pools import SERVICE, BadServicePool, DemoPool, running_pid
 
 
 @pytest.mark.parametrize(
@@ -30,6 +34,8 @@ from pools import SERVICE, BadServicePool, DemoPool
         ("retries_on_crash", -1),
         ("restart_backoff_max_s", 0.0001),
         ("spare_workers", True),
+        ("circuit_reset_max_s", 1.0),
+        ("on_crash_loop", "panic"),
     ],
 )
 def test_bad_settings_raise_value_error_naming_the_setting(setting: str, value: object) -> None:
@@ -293,5 +299,122 @@ def test_restart_workers_replaces_every_worker_without_failing_a_call() -> None:
             assert len(after) == 2 and not after & before
             assert snap.restarts == 0  # planned replacements are not crash restarts
             assert all(w.role == "active" for w in snap.workers if w.phase == "ready")
+
+    run(scenario())
+
+
+def test_socket_dirs_of_a_sigkilled_parent_are_swept_at_the_next_start() -> None:
+    """Found by chaos runs: a SIGKILLed Gru left its pools' directories behind forever. The next
+    pool to start removes the stale ones of this user, and only those."""
+    base = tempfile.mkdtemp(prefix="mx")  # short: the socket path must fit in sun_path
+    env = {**os.environ, "XDG_RUNTIME_DIR": base}
+    script = textwrap.dedent(
+        """
+        import asyncio, sys
+        sys.path.insert(0, sys.argv[1])
+        from pools import DemoPool
+
+        async def main():
+            async with DemoPool() as pool:
+                print(pool._endpoint.directory, flush=True)
+                await asyncio.Event().wait()
+
+        asyncio.run(main())
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, os.path.dirname(__file__)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert parent.stdout is not None
+        stale = pathlib.Path(parent.stdout.readline().strip())
+        parent.kill()
+        parent.wait(timeout=10)
+        assert stale.is_dir() and (stale / "owner").exists()  # really left behind
+        foreign = pathlib.Path(base, "minions-not-ours")  # no owner record: never touched
+        foreign.mkdir()
+
+        async def scenario() -> None:
+            os.environ["XDG_RUNTIME_DIR"] = base
+            try:
+                async with DemoPool() as first:
+                    assert not stale.exists()
+                    assert foreign.is_dir()
+                    mine = first._endpoint.directory  # type: ignore[union-attr]
+                    async with DemoPool() as second:  # its sweep keeps a live owner's dir
+                        assert mine.is_dir() and second.snapshot().workers_ready == 2
+            finally:
+                del os.environ["XDG_RUNTIME_DIR"]
+
+        run(scenario())
+    finally:
+        parent.kill()
+        parent.wait()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_shutdown_does_not_wait_for_callers_that_gave_up() -> None:
+    class Patient(DemoPool):
+        workers = 1
+        shutdown_grace_s = 30.0
+        call_timeout_s = 60.0  # only the shutdown can end that call early
+
+    async def scenario() -> None:
+        pool = Patient()
+        await pool.startup()
+        abandoned = asyncio.create_task(pool.call("sleep", 60))
+        await eventually(lambda: running_pid(pool, "sleep"))
+        abandoned.cancel()
+        started = time.monotonic()
+        await pool.shutdown()
+        # nobody waits for that answer: the pool went straight to stopping its worker
+        assert time.monotonic() - started < Patient.shutdown_grace_s / 2
+        assert pool.worker_pids() == []
+
+    run(scenario(), timeout=40)
+
+
+def test_shutdown_keeps_to_the_deadline_it_is_given() -> None:
+    class Stubborn(DemoPool):
+        workers = 1
+        shutdown_grace_s = 30.0
+        call_timeout_s = 60.0
+
+    async def scenario() -> None:
+        pool = Stubborn()
+        await pool.startup()
+        stuck = asyncio.create_task(pool.call("spin"))  # holds the GIL: only SIGKILL ends it
+        await eventually(lambda: running_pid(pool, "spin"))
+        deadline = time.monotonic() + 3.0
+        await pool.shutdown(deadline=deadline)
+        assert time.monotonic() < deadline + 1.0  # the reaping of the SIGKILL, at most
+        with pytest.raises(PoolUnavailable, match="shut down while the call ran"):
+            await stuck
+
+    run(scenario(), timeout=40)
+
+
+def test_circuit_listeners_hear_a_crash_loop_open_and_close() -> None:
+    class Fragile(DemoPool):
+        workers = 1
+        restart_intensity = 1
+        restart_period_s = 30.0
+        circuit_reset_s = 0.2
+
+    async def scenario() -> None:
+        heard: list[Circuit] = []
+        async with Fragile() as pool:
+            unsubscribe = pool.subscribe_circuit(lambda p, c: heard.append(c))
+            for _ in range(2):
+                with pytest.raises(WorkerCrashed):
+                    await pool.call("segfault")
+            assert heard == [Circuit.OPEN]
+            assert await pool._wait_until(lambda: Circuit.CLOSED in heard, 10)
+            assert heard == [Circuit.OPEN, Circuit.HALF_OPEN, Circuit.CLOSED]
+            assert pool.snapshot().circuit_opened == 1
+            unsubscribe()
 
     run(scenario())
