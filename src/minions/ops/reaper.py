@@ -87,6 +87,11 @@ def release(pid: int) -> None:
         _claims.discard(pid)
 
 
+def is_claimed(pid: int) -> bool:
+    with _claims_lock:
+        return pid in _claims
+
+
 class ReaperRole(enum.Enum):
     """Why orphans are re-parented to this process."""
 
