@@ -152,6 +152,8 @@ def test_orphans_are_reaped_and_a_signal_still_ends_gru_cleanly(launch, mode, si
     log = app.log()
     assert f"{signal.Signals(signum).name} received: shutting down" in log
     assert "gru stopped (0 workflows cancelled, 0 errors)" in log, log
+    role = "PID 1 of its PID namespace" if mode == "pid1" else "a child subreaper"
+    assert f"this process is {role}: reaping orphaned processes" in log
     assert "Traceback" not in log
     assert_all_gone(processes, "Gru's processes")
 

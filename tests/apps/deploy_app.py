@@ -3,8 +3,9 @@
 The test talks to it through the directory ``$APP_DIR``:
 
 - ``jobs``, a FIFO the test creates and writes jobs into, one ``<n> <op>`` per line, where op is
-  ``crc`` (a native call), ``segfault`` (kills the worker running it) or ``orphan`` (the worker
-  starts a helper that outlives its parent, see ``orphan_service``);
+  ``crc`` (a native call), ``segfault`` (kills the worker running it), ``orphan`` (the worker
+  starts a helper that outlives its parent) or ``hold`` (the worker notes ``<n> holding <pid>``
+  and stays busy until the test creates ``release-<n>``), see ``orphan_service``;
 - ``effects``, where the app appends one fsync'd line per fact: ``launching <pid>`` as the launch
   function starts, ``started <pid> <metrics port>`` once Gru serves the orchestration, and
   ``<n> <op> <outcome>`` when a job's workflow has done its call.
@@ -37,7 +38,7 @@ class Job(msgspec.Struct):
 
 
 class JobContext(msgspec.Struct):
-    outcome: str = ""
+    pass
 
 
 class OrphanPool(WorkerPool):
@@ -86,21 +87,21 @@ class JobMinion(Minion[Job, JobContext]):
     @minion_step
     async def call(self) -> None:
         job = self.event
-        if job.op == "orphan":
-            self.context.outcome = f"pid {await self.pool.call('spawn_orphan')}"
-        elif job.op == "segfault":
-            try:
+        try:
+            if job.op == "orphan":
+                outcome = f"pid {await self.pool.call('spawn_orphan')}"
+            elif job.op == "hold":
+                effects = str(control_dir() / "effects")
+                outcome = f"served {await self.pool.call('hold', effects, job.n)}"
+            elif job.op == "segfault":
                 await self.pool.call("segfault")
-                self.context.outcome = "returned"
-            except WorkerCrashed as exc:
-                how = signal_name(exc.signal) or f"exit-{exc.exit_code}"
-                self.context.outcome = f"crashed {how}"
-        else:
-            self.context.outcome = f"crc {await self.pool.call('crc32', b'job %d' % job.n)}"
-
-    @minion_step
-    async def report(self) -> None:
-        record(f"{self.event.n} {self.event.op} {self.context.outcome}")
+                outcome = "returned"
+            else:
+                outcome = f"crc {await self.pool.call('crc32', b'job %d' % job.n)}"
+        except WorkerCrashed as exc:
+            outcome = f"crashed {signal_name(exc.signal) or f'exit-{exc.exit_code}'}"
+        # In this step, not the next: a shutdown lets the step in flight finish, and no other.
+        record(f"{job.n} {job.op} {outcome}")
 
 
 def become_subreaper() -> None:

@@ -68,21 +68,31 @@ class Control:
 
         return self.wait_for(find, f"start #{after + 1} of Gru", running=running)
 
-    def submit(self, op: str, running: Callable[[], bool]) -> str:
-        """Write one job into the FIFO and wait for its outcome line; return the outcome."""
+    def send(self, op: str) -> int:
+        """Write one job into the FIFO; return its number."""
         self._n += 1
-        n = self._n
         fd = os.open(self.dir / "jobs", os.O_WRONLY | os.O_NONBLOCK)  # the app holds a reader
         try:
-            os.write(fd, f"{n} {op}\n".encode())
+            os.write(fd, f"{self._n} {op}\n".encode())
         finally:
             os.close(fd)
+        return self._n
+
+    def wait_line(self, n: int, tag: str, running: Callable[[], bool]) -> str:
+        """The rest of the first ``<n> <tag> ...`` line, once it exists."""
 
         def find(lines: list[list[str]]) -> str | None:
-            done = [" ".join(line[2:]) for line in lines if line[:2] == [str(n), op]]
-            return done[0] if done else None
+            found = [" ".join(line[2:]) for line in lines if line[:2] == [str(n), tag]]
+            return found[0] if found else None
 
-        return self.wait_for(find, f"job {n} ({op})", running=running)
+        return self.wait_for(find, f"job {n}: {tag}", running=running)
+
+    def submit(self, op: str, running: Callable[[], bool]) -> str:
+        """Send one job and wait for its outcome line; return the outcome."""
+        return self.wait_line(self.send(op), op, running)
+
+    def release(self, n: int) -> None:
+        (self.dir / f"release-{n}").touch()
 
 
 def poll_until(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import time
+from pathlib import Path
 
 from minions.workers import expose
 from native_demo.service import NativeDemo
@@ -23,3 +26,19 @@ class OrphanMaker(NativeDemo):
             capture_output=True, check=True, text=True, timeout=10,
         )  # fmt: skip
         return int(shell.stdout)
+
+    @expose
+    def hold(self, effects: str, n: int) -> int:
+        """A call that is busy until the test says so: note ``<n> holding <pid>`` in the app's
+        effects file, then wait for ``release-<n>`` beside it. Returns this worker's pid."""
+        path = Path(effects)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, f"{n} holding {os.getpid()}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        release = path.with_name(f"release-{n}")
+        while not release.exists():
+            time.sleep(0.01)  # stands in for a long native call
+        return os.getpid()
