@@ -131,9 +131,10 @@ def test_orphans_are_reaped_and_a_signal_still_ends_gru_cleanly(launch, mode, si
         assert app.control.submit("orphan", app.running).startswith("pid ")
     # The helpers' parents (the worker's shells) are gone: the kernel gave them to Gru.
     orphans = poll_until(
-        lambda: (found := named_children(gru, HELPER)) and len(found) == ORPHANS and found,
+        lambda: len(found := named_children(gru, HELPER)) == ORPHANS and found,
         f"{ORPHANS} orphaned helpers re-parented to Gru",
     )
+    assert len(orphans) == ORPHANS
     for orphan in orphans:
         orphan.kill()
     poll_until(

@@ -98,13 +98,13 @@ class Control:
 def poll_until(
     check: Callable[[], T | None], what: str, *, timeout: float = 60.0, interval: float = 0.02
 ) -> T:
-    """Poll an observable fact (a process table, a supervisor's status) until it holds."""
+    """Poll an observable fact (a process table, a supervisor's status) until ``check`` gives
+    a truthy value, and return that value."""
     deadline = time.monotonic() + timeout
-    last: T | None = None
     while time.monotonic() < deadline:
-        last = check()
-        if last is not None and last is not False:
-            return last
+        found = check()
+        if found:
+            return found
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 

@@ -88,6 +88,7 @@ def release(pid: int) -> None:
 
 
 def is_claimed(pid: int) -> bool:
+    """Whether an owner has claimed ``pid`` and not yet released it."""
     with _claims_lock:
         return pid in _claims
 
@@ -166,7 +167,6 @@ class OrphanReaper:
         interval_s: float = INTERVAL_S,
         grace_s: float = GRACE_S,
         clock: Callable[[], float] = time.monotonic,
-        role: Callable[[], ReaperRole | None] = reaper_role,
     ) -> None:
         if interval_s <= 0 or grace_s < 0:
             raise ValueError(f"need interval_s > 0 and grace_s >= 0, got {interval_s}, {grace_s}")
@@ -174,11 +174,9 @@ class OrphanReaper:
         self.interval_s = interval_s
         self.grace_s = grace_s
         self._clock = clock
-        self._role = role
         self._seen: dict[int, _Sighting] = {}
         self._announced: ReaperRole | None = None
         self._task: asyncio.Task[None] | None = None
-        self.reaped_total = 0
 
     def start(self) -> None:
         """Start sweeping on the running loop (a sweep is a no-op unless a role applies)."""
@@ -196,7 +194,7 @@ class OrphanReaper:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            role = self._role()
+            role = reaper_role()
             if role is None:
                 continue
             if role is not self._announced:
@@ -207,7 +205,7 @@ class OrphanReaper:
             try:
                 for done in self.sweep():
                     self._logger.debug("reaped orphan %s", done.describe())
-            except OSError as exc:  # e.g. out of file descriptors: try again next sweep
+            except (OSError, psutil.Error) as exc:  # e.g. out of descriptors: retry next sweep
                 self._logger.warning("reaping orphans failed, will retry: %r", exc)
 
     def sweep(self) -> list[Reaped]:
@@ -225,7 +223,6 @@ class OrphanReaper:
                 done = self._reap(pid, sighting, proc)
                 if done is not None:
                     reaped.append(done)
-        self.reaped_total += len(reaped)
         return reaped
 
     def _note(self, pid: int, now: float) -> None:
