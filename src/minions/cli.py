@@ -25,6 +25,7 @@ import inspect
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -251,8 +252,16 @@ _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 def _cmd_run(ns: argparse.Namespace) -> int:
     level = _run_environment(os.environ)
     _configure_logging(level, journald=_stderr_is_journal(os.environ))
+    if os.getpid() == 1:  # the kernel ignores signals PID 1 has no handler for
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     launch = load_target(ns.target)
     return asyncio.run(_supervise(launch, ns.target))
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM to PID 1 (a container without an init) before Gru has installed its graceful
+    handler, which replaces this one: do what the kernel does for any other process, exit."""
+    raise SystemExit(128 + signum)
 
 
 def _run_environment(environ: Mapping[str, str]) -> int:

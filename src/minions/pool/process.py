@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from minions.ipc.marker import marker_path, read_running_call
 from minions.ipc.worker import TOKEN_ENV
+from minions.ops import reaper
 from minions.pool.events import WorkerRef
 
 if TYPE_CHECKING:
@@ -112,11 +113,13 @@ class WorkerProcess:
             str(heartbeat_s),
         ]
         popen = subprocess.Popen(argv, env=_worker_env(token), stdin=subprocess.DEVNULL)
+        reaper.claim(popen.pid)  # reap() reads its exit status: the orphan reaper must not
         try:
             pidfd = os.pidfd_open(popen.pid)
         except OSError:
             popen.kill()
             popen.wait()
+            reaper.release(popen.pid)
             raise
         return cls(worker_id, identity, popen, pidfd, crash_file, role)
 
@@ -132,6 +135,7 @@ class WorkerProcess:
     def reap(self) -> int:
         """Collect the exit status once the pidfd said it exited; close the pidfd."""
         returncode = self.popen.wait()
+        reaper.release(self.pid)
         os.close(self.pidfd)
         self.pidfd = -1
         self.phase = Phase.DEAD

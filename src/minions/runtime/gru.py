@@ -21,6 +21,7 @@ from typing import Any, Self
 from minions.errors import GruError
 from minions.ops.levels import MemoryLevel
 from minions.ops.memory import MemoryMonitor, MemoryThresholds
+from minions.ops.reaper import OrphanReaper
 from minions.resource import Resource
 from minions.runtime.composition import Composition, CompositionError, compose, import_path
 from minions.runtime.config import DEFAULT, GruConfig, check_max_in_flight, metrics_address
@@ -85,6 +86,7 @@ class Gru:
         self._pipelines: dict[type, _PipelineSlot] = {}
         self._paused = False
         self._signal_queue = SignalQueue(self.handle_term)
+        self._reaper = OrphanReaper(self.logger)  # acts only as PID 1 or a child subreaper
         self._grace_cut = asyncio.Event()
         self._closed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -147,6 +149,7 @@ class Gru:
                 await store.open()
             gru._ops.start()
             gru._install_signal_handlers()
+            gru._reaper.start()
         except BaseException:
             await gru._ops.stop()
             _live_gru = None
@@ -382,6 +385,7 @@ class Gru:
         """Release the process: signal handlers, helper tasks, the singleton slot."""
         global _live_gru
         self._signal_queue.remove()
+        await self._reaper.stop()
         current = asyncio.current_task()
         helpers = [t for t in (self._signal_queue.task, *self._tasks) if t and t is not current]
         for task in helpers:
