@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from minions._importing import ImportTargetError, split_target
 from minions.runtime.log import StructuredFormatter
 
 EXIT_OK = 0
@@ -321,6 +322,13 @@ def load_target(spec: str) -> LaunchFn:
     if not where or not name:
         raise UsageError(f"minions run: {spec!r} is not module:function or path/to/file.py")
     is_file = where.endswith(".py") or os.sep in where
+    if not is_file:  # the one "module:attr" grammar Gru and worker services use too
+        try:
+            where, _ = split_target(f"{where}:{name}", what="launch target")
+        except ImportTargetError:
+            raise UsageError(
+                f"minions run: {spec!r} is not module:function or path/to/file.py"
+            ) from None
     module = _import_file(where) if is_file else _import_module(where)
     obj: Any = module
     try:
