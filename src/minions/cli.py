@@ -1,4 +1,4 @@
-"""The ``minions`` command: ``demo``, ``run``, ``workflows`` and ``worker``.
+"""The ``minions`` command: ``demo``, ``run``, ``workflows``, ``stamp``, ``doctor``, ``worker``.
 
 Design note. Exit codes are part of the contract with systemd: ``0`` a clean run or shutdown,
 ``1`` a failure at run time (the launch function raised, something was lost), ``2`` a
@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from minions import stamping
 from minions._importing import ImportTargetError, split_target
 from minions.runtime.log import StructuredFormatter
 
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(commands)
     _add_run(commands)
     _add_workflows(commands)
+    stamping.add_commands(commands)  # stamp component-ids, doctor ids
     commands.add_parser(
         "worker",
         help="serve a WorkerService (spawned by worker pools; not for interactive use)",
