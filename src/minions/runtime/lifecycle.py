@@ -103,7 +103,7 @@ class OrchestrationSet:
         self._metrics.child(
             telemetry.ORCHESTRATION_INFO, orchestration=orch.id,
             minion=component_identity(comp.minion_cls),
-            pipeline=component_identity(comp.pipeline_cls), config=comp.config_label,
+            pipeline=comp.pipeline_cls.__name__, config=comp.config_label,
         ).set(1)  # fmt: skip
         self._changed()
         self._failures.logger.info(
