@@ -10,7 +10,7 @@ it happened plus the exception type and the user's file and line, so two differe
 first reports.
 
 When the logger already writes to the console (``minions run`` sends it to stderr, the journal
-under systemd), nothing is repeated here. :func:`warn_if_abandoned` covers the other silent
+under systemd), nothing is repeated here. :func:`abandoned_message` covers the other silent
 case: a ``main()`` that returns right after ``start_orchestration`` ends the event loop and the
 process with Gru still running; at exit it says so and how to wait.
 """
@@ -31,6 +31,7 @@ _MAX_KINDS = 200
 
 @dataclass(slots=True)
 class _Seen:
+    message: str
     repeats: int
     since: float
 
@@ -70,22 +71,21 @@ class Failures:
         now = self._clock()
         if seen is None:
             if len(self._seen) >= _MAX_KINDS:
-                kind = ("other",)
-                seen = self._seen.setdefault(kind, _Seen(0, now))
+                seen = self._seen.setdefault(("other",), _Seen("other failures", 0, now))
             else:
-                self._seen[kind] = _Seen(0, now)
+                self._seen[kind] = _Seen(message, 0, now)
                 self._print_first(message, exc)
                 return
         seen.repeats += 1
         if now - seen.since >= self._interval:
-            self._print_repeats(message, seen, now)
+            self._print_repeats(seen, now)
 
     def flush(self) -> None:
         """At shutdown: say how many repeats were not printed."""
         now = self._clock()
-        for kind, seen in self._seen.items():
+        for seen in self._seen.values():
             if seen.repeats:
-                self._print_repeats(" ".join(kind), seen, now)
+                self._print_repeats(seen, now)
 
     def _print_first(self, message: str, exc: BaseException | None) -> None:
         lines = [f"minions: {message}"]
@@ -99,10 +99,10 @@ class Failures:
         )
         self._write("\n".join(lines))
 
-    def _print_repeats(self, message: str, seen: _Seen, now: float) -> None:
-        first_line = message.splitlines()[0] if message else ""
+    def _print_repeats(self, seen: _Seen, now: float) -> None:
+        first_line = seen.message.splitlines()[0] if seen.message else ""
         self._write(
-            f"minions: {seen.repeats} more like this in the last {now - seen.since:.0f}s: "
+            f"minions: {seen.repeats} more like this in the last {now - seen.since:.1f}s: "
             f"{first_line[:160]} (see {self._hint})"
         )
         seen.repeats = 0

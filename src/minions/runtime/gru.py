@@ -244,6 +244,14 @@ class Gru:
                 return StartResult(False, str(exc), comp.orchestration_id, cause=cause)
             return StartResult(True, None, comp.orchestration_id, resumed)
 
+    async def start(self, pipeline: type | str, minion: type | str, **kwargs: Any) -> StartResult:
+        """The established short name of :meth:`start_orchestration`."""
+        return await self.start_orchestration(pipeline, minion, **kwargs)
+
+    async def stop(self, orchestration_id: str) -> StopResult:
+        """The established short name of :meth:`stop_orchestration`."""
+        return await self.stop_orchestration(orchestration_id)
+
     async def stop_orchestration(self, orchestration_id: str) -> StopResult:
         """Stop one orchestration (others keep running): unsubscribe it from its pipeline, give
         in-flight steps the grace period, cancel the rest keeping their checkpoints, and release

@@ -116,8 +116,17 @@ class SQLiteStateStore(StateStore):
     """
 
     def __init__(
-        self, path: str | os.PathLike[str] = "minions.db", *, max_batch: int = 512
+        self,
+        path: str | os.PathLike[str] = "minions.db",
+        *,
+        max_batch: int = 512,
+        db_path: str | os.PathLike[str] | None = None,
+        logger: object = None,
     ) -> None:
+        """``db_path=`` and ``logger=`` are the established spellings (``logger`` is unused:
+        Gru reports store failures)."""
+        if db_path is not None:
+            path = db_path
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.path = Path(os.fspath(path))
