@@ -60,7 +60,7 @@ class _Child:
         self.sink, self.name, self.bound = sink, name, {}
 
     def labels(self, **labels: str) -> _Child:
-        child = _Child(self.sink, self.name)
+        child = type(self)(self.sink, self.name)
         child.bound = labels
         return child
 
@@ -155,10 +155,19 @@ class BrokenLogger(Logger):
         raise OSError("log sink is down")
 
 
+class _Exploding(_Child):
+    def inc(self, amount: float = 1) -> None:
+        raise ConnectionError("statsd is gone")
+
+
 class BrokenMetrics(Metrics):
+    """Refuses one metric outright, and fails on every counter increment."""
+
     def create_metric(self, metric_name: str, label_names: list[str], kind: Any) -> Any:
         if metric_name == "minions_step_duration_seconds":
             raise RuntimeError("backend refuses histograms")
+        if metric_name == "minions_workflows_total":
+            return _Exploding([], metric_name)
         return _Child([], metric_name)
 
 
@@ -179,11 +188,10 @@ def test_broken_user_backends_never_fail_a_workflow(capfd: pytest.CaptureFixture
     run(main())
     err = capfd.readouterr().err
     assert "BrokenLogger.log raised OSError('log sink is down')" in err
-    first_reports = [
-        line for line in err.splitlines() if line.startswith("minions: metrics backend")
-    ]
-    assert len(first_reports) == 1  # once, though every step of every workflow would observe
-    assert "BrokenMetrics failed on minions_step_duration_seconds" in first_reports[0]
+    reports = [line for line in err.splitlines() if line.startswith("minions: metrics backend")]
+    assert len(reports) == 2, reports  # once per metric, though every workflow records both
+    assert "BrokenMetrics failed on minions_step_duration_seconds" in reports[0]
+    assert "failed on minions_workflows_total: ConnectionError('statsd is gone')" in reports[1]
 
 
 def test_the_shipped_sqlite_store_implements_the_blob_primitives(tmp_path: Path) -> None:

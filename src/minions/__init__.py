@@ -77,10 +77,19 @@ __all__ = [
 ]
 
 
+_NOT_PROVIDED = {
+    "GruShell": "the deprecated in-process shell of the established API is not provided; "
+    "drive Gru from your own code, or use the `minions` command",
+}
+
+
 def __getattr__(name: str) -> Any:
     home = _HOME.get(name)
     if home is None:
-        raise AttributeError(f"module 'minions' has no attribute {name!r}")
+        why = _NOT_PROVIDED.get(name)
+        raise AttributeError(
+            f"module 'minions' has no attribute {name!r}" + (f": {why}" if why else "")
+        )
     value = getattr(importlib.import_module(home), name)
     globals()[name] = value
     return value
