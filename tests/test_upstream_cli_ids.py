@@ -120,3 +120,15 @@ def test_bad_paths_are_one_line_usage_errors(tmp_path: Path) -> None:
         out = minions_cli(*args, cwd=tmp_path)
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
         assert len(out.stderr.splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_a_bad_config_file_fails_the_start_naming_file_and_field(tmp_path: Path) -> None:
+    write_project(tmp_path)
+    (tmp_path / "configs" / "bad.toml").write_text('region = "eu"\nretries = "two"\n')
+    proc = launch(tmp_path, "shop.minions.order_minion", APP_CONFIG="configs/bad.toml")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 3, err
+    assert out.startswith(
+        "START False 0 configs/bad.toml: Expected `int`, got `str` - at `$.retries`"
+    )
+    assert "start_orchestration refused: configs/bad.toml" in err  # the console says so too

@@ -56,8 +56,8 @@ class Checkpoints:
         self._metrics = metrics
         self._sleep = sleep
         self._idle = policy.on_failure == "idle-until-persisted"
-        queues = type(store).delete_nowait is not StateStore.delete_nowait
-        self._delete_nowait = store.delete_nowait if queues and not self._idle else None
+        # The idle policy must see each delete succeed, so it never queues one.
+        self._delete_nowait = None if self._idle else store.delete_nowait
         self._blocked = {
             op: metrics.child(telemetry.BLOCKED, orchestration=orchestration_id, operation=op)
             for op in ("save", "delete")

@@ -53,6 +53,7 @@ from minions.runtime.store_contract import StateStore
 from minions.runtime.telemetry import Metrics, RuntimeMetrics
 
 _CREATE_TOKEN = object()
+_LOGGER_SHUTDOWN_S = 5.0  # a user logger's shutdown() may not hold the process past this
 _live_gru: Gru | None = None
 
 
@@ -331,7 +332,7 @@ class Gru:
         reported on stderr, never raised."""
         try:
             await self.logger.flush()
-            await self.logger.shutdown()
+            await asyncio.wait_for(self.logger.shutdown(), _LOGGER_SHUTDOWN_S)
         except Exception as exc:
             print(
                 f"minions: {type(self.logger).__name__}.shutdown() raised {exc!r}", file=sys.stderr

@@ -102,11 +102,12 @@ class Logger(ABC):
         except Exception as exc:
             _fallback(f"{type(self).__name__}.log raised {exc!r}; record: {msg}", fields)
 
-    async def flush(self) -> None:
-        """Wait for every record handed to :meth:`log` so far."""
+    async def flush(self, timeout_s: float = 5.0) -> None:
+        """Wait (at most ``timeout_s``: a stuck sink must not hold shutdown) for every record
+        handed to :meth:`log` so far."""
         pending = list(self.__dict__.get("_minions_pending", ()))
         if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.wait(pending, timeout=timeout_s)
 
     # conveniences with the stdlib's shape, used throughout the runtime
     def debug(self, msg: str, *args: object, exc_info: BaseException | None = None,
