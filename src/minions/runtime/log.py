@@ -127,6 +127,9 @@ class Logger(ABC):
         self.emit(ERROR, msg % args if args else msg, exc_info, extra)
 
 
+LoggerLike = Logger  # the name this interface had before it was the established one
+
+
 def exception_fields(exc: BaseException) -> dict[str, str]:
     return {
         "error_type": type(exc).__name__,
