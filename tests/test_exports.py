@@ -12,9 +12,10 @@ import minions.workers
 
 def test_public_names_are_pinned() -> None:
     assert sorted(minions.__all__) == [
-        "AbortWorkflow", "Gru", "GruState", "GruStatus", "Minion", "OrchestrationState",
-        "OrchestrationStatus", "Pipeline", "Resource", "ResourceStatus", "ShutdownResult",
-        "StartResult", "StopResult", "minion_step",
+        "AbortWorkflow", "Gru", "GruRuntimeStateSnapshot", "GruState", "GruStatus", "Minion",
+        "OrchestrationState", "OrchestrationStatus", "Pipeline", "Resource", "ResourceStatus",
+        "ShutdownResult", "StartResult", "StopResult", "minion_id", "minion_step", "pipeline_id",
+        "resource_id",
     ]  # fmt: skip
     assert sorted(minions.workers.__all__) == [
         "Circuit", "MemoryLevel", "PoolConfig", "PoolSnapshot", "PoolState", "WorkerPool",

@@ -294,7 +294,7 @@ def test_resource_failure_stops_only_dependent_orchestrations():
             lonely = await gru.start_orchestration(OtherPipeline, LonelyMinion)
             other = await gru.start_orchestration(QPipeline, RecMinion)
             (instance,) = [
-                gru._graph.instance_of(cls) for cls, *_ in gru._graph.snapshot()
+                gru._set.graph.instance_of(cls) for cls, *_ in gru._set.graph.snapshot()
                 if cls.__name__ == "Lonely"
             ]  # fmt: skip
             gru.resource_failed(instance, OSError("connection reset"))
@@ -333,9 +333,9 @@ def test_shared_resource_instance_is_the_same_object():
         use_harness()
         async with running_gru() as gru:
             await gru.start_orchestration(QPipeline, RecMinion)
-            pipeline = gru._pipelines[QPipeline].runner.pipeline
-            api = gru._graph.instance_of(Api)
-            assert pipeline.db is api.db is api.cache.db is gru._graph.instance_of(Db)
+            pipeline = gru._set.pipelines.get(QPipeline).pipeline
+            api = gru._set.graph.instance_of(Api)
+            assert pipeline.db is api.db is api.cache.db is gru._set.graph.instance_of(Db)
             assert isinstance(api.cache, Cache)
 
     run(main())

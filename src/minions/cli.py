@@ -1,4 +1,4 @@
-"""The ``minions`` command: ``demo``, ``run``, ``workflows`` and ``worker``.
+"""The ``minions`` command: ``demo``, ``run``, ``workflows``, ``stamp``, ``doctor``, ``worker``.
 
 Design note. Exit codes are part of the contract with systemd: ``0`` a clean run or shutdown,
 ``1`` a failure at run time (the launch function raised, something was lost), ``2`` a
@@ -33,6 +33,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from minions import stamping
+from minions._importing import ImportTargetError, split_target
 from minions.runtime.log import StructuredFormatter
 
 EXIT_OK = 0
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(commands)
     _add_run(commands)
     _add_workflows(commands)
+    stamping.add_commands(commands)  # stamp component-ids, doctor ids
     commands.add_parser(
         "worker",
         help="serve a WorkerService (spawned by worker pools; not for interactive use)",
@@ -330,6 +333,13 @@ def load_target(spec: str) -> LaunchFn:
     if not where or not name:
         raise UsageError(f"minions run: {spec!r} is not module:function or path/to/file.py")
     is_file = where.endswith(".py") or os.sep in where
+    if not is_file:  # the one "module:attr" grammar Gru and worker services use too
+        try:
+            where, _ = split_target(f"{where}:{name}", what="launch target")
+        except ImportTargetError:
+            raise UsageError(
+                f"minions run: {spec!r} is not module:function or path/to/file.py"
+            ) from None
     module = _import_file(where) if is_file else _import_module(where)
     obj: Any = module
     try:

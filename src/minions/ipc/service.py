@@ -8,7 +8,6 @@ the risky native library must be imported in ``setup()``, which runs in the work
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import typing
 from collections.abc import Callable
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
+
+from minions._importing import import_object
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -94,13 +95,7 @@ def describe(cls: type[WorkerService]) -> dict[str, MethodSpec]:
 
 def load_service(path: str) -> type[WorkerService]:
     """Import ``"module:Class"`` and check it is a ``WorkerService`` subclass."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"service must be 'module:Class', got {path!r}")
-    module = importlib.import_module(module_name)
-    obj: Any = module
-    for part in attr.split("."):
-        obj = getattr(obj, part)
+    obj = import_object(path, what="service")
     if not (isinstance(obj, type) and issubclass(obj, WorkerService)):
         raise TypeError(f"service {path!r} is not a WorkerService subclass")
     return obj

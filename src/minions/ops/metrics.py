@@ -173,3 +173,55 @@ CGROUP_MEMORY_BYTES = Gauge(
     "memory.current of Gru's cgroup v2, when present.",
     registry=REGISTRY,
 )
+
+# --- appended for the upstream metric names (deploy/prometheus/upstream-names.yml) ---------
+STEP_FAILURES = Counter(
+    "minions_step_failures",
+    "Steps that raised, by outcome (failed, aborted); counted off the hot path, at the failure.",
+    ["orchestration", "step", "outcome"],
+    registry=REGISTRY,
+)
+CHECKPOINT_FAILURES = Counter(
+    "minions_checkpoint_failures",
+    "Checkpoint saves or deletes that failed (operation: save, delete; "
+    "stage: serialize, save, delete).",
+    ["orchestration", "operation", "stage"],
+    registry=REGISTRY,
+)
+WORKFLOWS_BLOCKED = Gauge(
+    "minions_workflows_blocked",
+    "Workflows waiting for a checkpoint to be persisted (idle-until-persisted policy).",
+    ["orchestration", "operation"],
+    registry=REGISTRY,
+)
+RESOURCE_CALLS = Counter(
+    "minions_resource_calls",
+    "Calls of a resource's public async methods (outcome: ok, error); "
+    "@Resource.untracked methods and worker pools are not counted.",
+    ["resource", "method", "outcome"],
+    registry=REGISTRY,
+)
+RESOURCE_CALL_SECONDS = Histogram(
+    "minions_resource_call_duration_seconds",
+    "Duration of tracked resource method calls that returned.",
+    ["resource", "method"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+ORCHESTRATION_INFO = Gauge(
+    "minions_orchestration_info",
+    "1 for every orchestration started in this process: its minion, pipeline and config "
+    "identities (join on orchestration to label other series).",
+    ["orchestration", "minion", "pipeline", "config"],
+    registry=REGISTRY,
+)
+HOST_MEMORY_TOTAL_BYTES = Gauge(
+    "minions_host_memory_total_bytes",
+    "Total host memory (for percentages of the host).",
+    registry=REGISTRY,
+)
+HOST_CPUS = Gauge(
+    "minions_host_cpus",
+    "Logical CPUs of the host (for CPU percentages normalised per core).",
+    registry=REGISTRY,
+)

@@ -10,13 +10,16 @@ import enum
 import logging
 import math
 import os
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from minions.ops.memory import MemoryThresholds
-from minions.runtime.log import LoggerLike
+from minions.runtime.log import Logger
+from minions.runtime.store_contract import StateStore
+from minions.runtime.telemetry import Metrics
 
-_STORE_METHODS = ("open", "save", "delete", "load", "list_all", "close")
+PersistenceFailurePolicy = Literal["continue-on-failure", "idle-until-persisted"]
+_PERSISTENCE_POLICIES = ("continue-on-failure", "idle-until-persisted")
 
 
 class Default(enum.Enum):
@@ -29,6 +32,54 @@ DEFAULT = Default.TOKEN
 
 
 @dataclass(frozen=True, slots=True)
+class PersistencePolicy:
+    """What a workflow does when its checkpoint cannot be saved or deleted.
+
+    ``"continue-on-failure"`` (the default) logs the failure, counts it and runs the step
+    anyway; the previous checkpoint stays, so a crash resumes from an earlier step.
+    ``"idle-until-persisted"`` retries the save (or the final delete) with capped exponential
+    backoff and jitter until it succeeds: the workflow does not advance without durable
+    progress. A context that no longer encodes is never retried: the workflow stops and keeps
+    its last checkpoint.
+    """
+
+    on_failure: PersistenceFailurePolicy = "continue-on-failure"
+    retry_delay_s: float = 1.0
+    retry_max_delay_s: float = 60.0
+    backoff_multiplier: float = 2.0
+    jitter_ratio: float = 0.1
+    warning_interval_s: float = 30.0
+    error_after_s: float | None = 60.0
+
+    def __post_init__(self) -> None:
+        if self.on_failure not in _PERSISTENCE_POLICIES:
+            raise ValueError(
+                "workflow_persistence_failure_policy must be 'continue-on-failure' or "
+                f"'idle-until-persisted', got {self.on_failure!r}"
+            )
+        for name in ("retry_delay_s", "retry_max_delay_s", "warning_interval_s"):
+            if _check_seconds(f"workflow_persistence_{name}", getattr(self, name)) == 0:
+                raise ValueError(f"workflow_persistence_{name} must be > 0")
+        if self.retry_max_delay_s < self.retry_delay_s:
+            raise ValueError(
+                "workflow_persistence_retry_max_delay_seconds must be >= "
+                "workflow_persistence_retry_delay_seconds"
+            )
+        if _check_seconds("backoff_multiplier", self.backoff_multiplier) < 1:
+            raise ValueError("workflow_persistence_retry_backoff_multiplier must be >= 1")
+        if not 0 <= _check_seconds("jitter_ratio", self.jitter_ratio) <= 1:
+            raise ValueError("workflow_persistence_retry_jitter_ratio must be between 0 and 1")
+        if self.error_after_s is not None:
+            _check_seconds("workflow_persistence_retry_error_after_seconds", self.error_after_s)
+
+    def next_delay(self, delay: float) -> float:
+        """The backoff after ``delay`` (0 for the first retry), before jitter."""
+        if delay <= 0:
+            return self.retry_delay_s
+        return min(self.retry_max_delay_s, delay * self.backoff_multiplier)
+
+
+@dataclass(frozen=True, slots=True)
 class GruConfig:
     """Settings of one Gru. See :meth:`minions.Gru.create` for what each one means.
 
@@ -38,9 +89,9 @@ class GruConfig:
 
     state_store: Any = DEFAULT
     db_path: str | os.PathLike[str] = "minions.db"
-    logger: LoggerLike | None = None
+    logger: Any = DEFAULT
     log_file: str | os.PathLike[str] = "minions.log"
-    metrics: bool | None = True
+    metrics: Any = True
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 8081
     memory: MemoryThresholds | None = None
@@ -50,18 +101,32 @@ class GruConfig:
     handle_signals: bool = True
     pipeline_retry_s: tuple[float, float] = (0.1, 30.0)
     status_interval_s: float = 5.0
+    workflow_failure_policy: str = "delete"
+    persistence: PersistencePolicy = field(default_factory=PersistencePolicy)
 
     def __post_init__(self) -> None:
         self._check_store()
-        if self.logger is not None and not isinstance(self.logger, logging.Logger | LoggerLike):
+        if not (
+            self.logger is DEFAULT
+            or self.logger is None
+            or isinstance(self.logger, logging.Logger | Logger)
+        ):
             raise TypeError(
-                "logger must be a logging.Logger or implement debug/info/warning/error, got "
-                f"{type(self.logger).__name__}"
+                "logger must be a minions.interfaces.Logger (subclass it and implement "
+                "`async def log(self, level, msg, **kwargs)`), a logging.Logger, None to "
+                f"discard logs, or omitted for the default file logger; got {self.logger!r}"
+            )
+        if self.workflow_failure_policy != "delete":
+            raise ValueError(
+                "workflow_failure_policy must be 'delete' (a failed workflow's checkpoint is "
+                f"deleted; no other policy exists yet), got {self.workflow_failure_policy!r}"
             )
         for name in ("db_path", "log_file"):
             if not isinstance(getattr(self, name), str | os.PathLike):
                 raise TypeError(f"{name} must be a path, got {type(getattr(self, name)).__name__}")
-        if self.metrics is not None:
+        if not (
+            self.metrics is None or self.metrics is DEFAULT or isinstance(self.metrics, Metrics)
+        ):
             _check_bool("metrics", self.metrics)
         _check_bool("handle_signals", self.handle_signals)
         if not isinstance(self.metrics_host, str):
@@ -83,20 +148,17 @@ class GruConfig:
         if first <= 0 or cap < first:
             raise ValueError("pipeline_retry_s must be (initial > 0, maximum >= initial)")
 
-    @property
-    def serves_metrics(self) -> bool:
-        return bool(self.metrics)
-
     def _check_store(self) -> None:
         store = self.state_store
-        if store is DEFAULT or store is None:
+        if store is DEFAULT or store is None or isinstance(store, StateStore):
             return
-        missing = [m for m in _STORE_METHODS if not callable(getattr(store, m, None))]
-        if missing or isinstance(store, type):
-            raise TypeError(
-                "state_store must be a StateStore instance (async open/save/delete/load/list_all/"
-                f"close), None for stateless, or omitted for SQLite; got {store!r}"
-            )
+        hint = f"an instance, {store.__name__}()," if isinstance(store, type) else "an instance"
+        raise TypeError(
+            f"state_store must be {hint} of a minions.interfaces.StateStore subclass "
+            "(implementing save_context, delete_context, get_contexts_for_orchestration and "
+            "get_all_contexts), None for stateless, or omitted for SQLite at db_path; "
+            f"got {store!r}"
+        )
 
 
 def check_max_in_flight(value: object) -> int:

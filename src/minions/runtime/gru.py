@@ -1,93 +1,94 @@
 """``Gru``: the one supervised parent that owns orchestrations, resources, pipelines and state.
 
 Design note. Lifecycle calls (start, stop, shutdown) are serialized by one lock, so the resource
-and pipeline refcounts never see two changes at once. Signals follow STYLE.md: the handler only
-queues the signal and wakes the supervising task, which calls :meth:`Gru.handle_term`. The first
-SIGTERM/SIGINT begins a graceful shutdown (pipelines stop, in-flight steps get
-``grace_period_s``, the rest are cancelled keeping their checkpoints, resources stop in reverse,
-the store closes); a second one cuts the grace period short.
+graph and the pipeline set never see two changes at once; each of them owns its own counts.
+Signals follow STYLE.md: the handler only queues the signal and wakes the supervising task,
+which calls :meth:`Gru.handle_term`. The first SIGTERM/SIGINT begins a graceful shutdown
+(pipelines stop, in-flight steps get ``grace_period_s``, the rest are cancelled keeping their
+checkpoints, resources stop in reverse, the store closes); a second one cuts the grace period
+short. Every failure Gru sees goes through one :class:`~minions.runtime.console.Failures`:
+logged, and the first of each kind printed to the console.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import atexit
+import os
 import signal
-import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+import sys
+from collections.abc import Awaitable, Callable
 from typing import Any, Self
 
+from minions._tasks import supervise_tasks
 from minions.errors import GruError
 from minions.ops.levels import MemoryLevel
 from minions.ops.memory import MemoryMonitor, MemoryThresholds
 from minions.ops.reaper import OrphanReaper
 from minions.resource import Resource
-from minions.runtime.composition import Composition, CompositionError, compose, import_path
-from minions.runtime.config import DEFAULT, GruConfig, check_max_in_flight, metrics_address
-from minions.runtime.log import DefaultLogger, LoggerLike, ids
+from minions.runtime import assembly
+from minions.runtime.composition import CompositionError, compose
+from minions.runtime.config import (
+    DEFAULT,
+    GruConfig,
+    PersistencePolicy,
+    check_max_in_flight,
+    metrics_address,
+)
+from minions.runtime.console import Failures, abandoned_message
+from minions.runtime.identity import import_path
+from minions.runtime.lifecycle import OrchestrationSet, StartFailed
+from minions.runtime.log import WARNING, FileLogger, Logger, ids
+from minions.runtime.minion_config import ConfigError, read_config_file
 from minions.runtime.operations import Operations, resource_status
-from minions.runtime.orchestration import Orchestration
-from minions.runtime.pipeline import PipelineRunner
-from minions.runtime.resources import ResourceGraph, ResourceStartError
 from minions.runtime.results import (
     GruState,
     GruStatus,
-    OrchestrationState,
     ShutdownResult,
     StartResult,
     StopResult,
 )
 from minions.runtime.signals import SignalQueue
-from minions.runtime.state import SQLiteStateStore, StateStore
+from minions.runtime.snapshot import GruRuntimeStateSnapshot
+from minions.runtime.store_contract import StateStore
+from minions.runtime.telemetry import Metrics, RuntimeMetrics
 
 _CREATE_TOKEN = object()
+_LOGGER_SHUTDOWN_S = 5.0  # a user logger's shutdown() may not hold the process past this
 _live_gru: Gru | None = None
-
-
-class _StartFailed(Exception):
-    """Internal: one start phase failed; ``str()`` is the StartResult reason."""
-
-
-@dataclass(slots=True)
-class _Running:
-    orchestration: Orchestration
-    plan: list[type[Resource]]
-    runner: PipelineRunner
-
-
-@dataclass(slots=True)
-class _PipelineSlot:
-    runner: PipelineRunner
-    refs: int
 
 
 class Gru:
     """The runtime. Create with ``await Gru.create(...)``; one live instance per process."""
 
-    def __init__(self, *args: Any, _token: object = None, **kwargs: Any) -> None:
-        if _token is not _CREATE_TOKEN:
+    def __init__(
+        self,
+        config: GruConfig | None = None,
+        store: StateStore | None = None,
+        logger: Logger | None = None,
+        metrics: Metrics | None = None,
+        *,
+        _token: object = None,
+    ) -> None:
+        """Internal: ``create`` builds the parts and passes them; the defaults only exist so a
+        direct ``Gru()`` gets the explanation below instead of a TypeError."""
+        if _token is not _CREATE_TOKEN or config is None or logger is None or metrics is None:
             raise GruError("do not call Gru() directly; use `gru = await Gru.create(...)`")
-        config: GruConfig = args[0]
-        store: StateStore | None = args[1]
         self.config = config
         self.state = GruState.RUNNING
+        self.logger = logger
         self._store = store
-        self._default_logger: DefaultLogger | None = None
-        if config.logger is None:
-            self._default_logger = DefaultLogger(config.log_file)
-            self.logger: LoggerLike = self._default_logger.logger
-        else:
-            self.logger = config.logger
+        hint = str(logger.path) if isinstance(logger, FileLogger) else "Gru's log"
+        self._failures = Failures(logger, log_hint=hint)
+        self._metrics = RuntimeMetrics(metrics, self._metrics_failed)
         self._lock = asyncio.Lock()
-        self._ops = Operations(config, self.logger, self.status, self.apply_memory_level)
-        self._graph = ResourceGraph(self._ops.prepare_resource)
-        self._orchestrations: dict[str, _Running] = {}
-        self._pipelines: dict[type, _PipelineSlot] = {}
-        self._paused = False
+        self._ops = Operations(config, logger, self._metrics, self.status, self.apply_memory_level)
+        self._set = OrchestrationSet(
+            config, store, self._failures, self._metrics, self._prepare_resource,
+            self._task_failed, self._ops.update_status,
+        )  # fmt: skip
         self._signal_queue = SignalQueue(self.handle_term)
         self._reaper = OrphanReaper(self.logger)  # acts only as PID 1 or a child subreaper
-        self._grace_cut = asyncio.Event()
         self._closed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shutdown_result: ShutdownResult | None = None
@@ -97,14 +98,22 @@ class Gru:
     @classmethod
     async def create(
         cls,
-        *,
         state_store: Any = DEFAULT,
-        db_path: str = "minions.db",
-        logger: LoggerLike | None = None,
-        log_file: str = "minions.log",
-        metrics: bool | None = True,
-        metrics_host: str | None = None,
+        logger: Any = DEFAULT,
+        metrics: Any = DEFAULT,
         metrics_port: int | None = None,
+        workflow_failure_policy: str = "delete",
+        workflow_persistence_failure_policy: str = "continue-on-failure",
+        workflow_persistence_retry_delay_seconds: float = 1.0,
+        workflow_persistence_retry_max_delay_seconds: float = 60.0,
+        workflow_persistence_retry_backoff_multiplier: float = 2.0,
+        workflow_persistence_retry_jitter_ratio: float = 0.1,
+        workflow_persistence_retry_warning_interval_seconds: float = 30.0,
+        workflow_persistence_retry_error_after_seconds: float | None = 60.0,
+        *,
+        db_path: str | os.PathLike[str] = "minions.db",
+        log_file: str | os.PathLike[str] = "minions.log",
+        metrics_host: str | None = None,
         memory: MemoryThresholds | None = None,
         memory_interval_s: float = 0.5,
         max_in_flight: int = 64,
@@ -113,15 +122,23 @@ class Gru:
     ) -> Self:
         """Open the state store, start operations, and return the process's single running Gru.
 
-        ``state_store`` omitted means SQLite at ``db_path``; ``None`` runs stateless (nothing
-        survives a restart); any object implementing the ``StateStore`` protocol plugs in.
-        ``logger`` replaces the default rotating ``log_file``. Prometheus metrics are served at
-        ``http://metrics_host:metrics_port/metrics`` unless ``metrics`` is ``False``/``None``
-        (``None`` host/port: ``$MINIONS_METRICS_HOST``/``$MINIONS_METRICS_PORT``, else
-        127.0.0.1 and 8081, so sharded units set them per instance; port 0 picks a free port,
-        see :attr:`metrics_port`; a port that cannot be bound is logged once and Gru runs on
-        without it). ``memory`` sets the memory monitor's
-        thresholds (``None``: from the cgroup's limits and host memory), sampled every
+        The first arguments take the established forms, positionally too:
+        ``Gru.create(state_store, logger, metrics)``. Each is omitted for the default, ``None``
+        for off, or an instance of the :mod:`minions.interfaces` class to plug in your own:
+
+        - ``state_store``: SQLite at ``db_path``; ``None`` runs stateless (nothing survives a
+          restart).
+        - ``logger``: the rotating ``log_file``; ``None`` discards logs; a
+          :class:`logging.Logger` also works.
+        - ``metrics``: Prometheus at ``http://metrics_host:metrics_port/metrics`` (``None``
+          host/port: ``$MINIONS_METRICS_HOST``/``$MINIONS_METRICS_PORT``, else 127.0.0.1 and
+          8081; port 0 picks a free one, see :attr:`metrics_port`; a port that cannot be bound
+          is logged once and Gru runs on without it); ``None``/``False`` serves nothing.
+
+        ``workflow_failure_policy`` (only ``"delete"``) and the ``workflow_persistence_*``
+        arguments are the workflow failure and checkpoint failure policies
+        (:class:`~minions.runtime.config.PersistencePolicy`). ``memory`` sets the memory
+        monitor's thresholds (``None``: from the cgroup's limits and host memory), sampled every
         ``memory_interval_s``. ``max_in_flight`` bounds workflows per orchestration (the
         backpressure point); ``grace_period_s`` is how long in-flight steps may finish on
         shutdown (keep it under systemd's TimeoutStopSec). ``handle_signals`` installs the
@@ -129,32 +146,47 @@ class Gru:
         ``READY=1`` before returning (see :mod:`minions.runtime.operations`).
         """
         global _live_gru
-        metrics_host, metrics_port = metrics_address(metrics_host, metrics_port)
+        metrics_host, port = metrics_address(metrics_host, metrics_port)
+        policy = PersistencePolicy(
+            workflow_persistence_failure_policy,  # type: ignore[arg-type]  # validated there
+            workflow_persistence_retry_delay_seconds,
+            workflow_persistence_retry_max_delay_seconds,
+            workflow_persistence_retry_backoff_multiplier,
+            workflow_persistence_retry_jitter_ratio,
+            workflow_persistence_retry_warning_interval_seconds,
+            workflow_persistence_retry_error_after_seconds,
+        )
         config = GruConfig(
             state_store=state_store, db_path=db_path, logger=logger, log_file=log_file,
-            metrics=metrics, metrics_host=metrics_host, metrics_port=metrics_port, memory=memory,
+            metrics=metrics, metrics_host=metrics_host, metrics_port=port, memory=memory,
             memory_interval_s=memory_interval_s, max_in_flight=max_in_flight,
             grace_period_s=grace_period_s, handle_signals=handle_signals,
+            workflow_failure_policy=workflow_failure_policy, persistence=policy,
         )  # fmt: skip
         if _live_gru is not None:
             raise GruError(
                 "a Gru is already running in this process; call `await gru.shutdown()` on it "
                 "before creating another (one Gru owns the process's signals and state)"
             )
-        store = SQLiteStateStore(config.db_path) if state_store is DEFAULT else state_store
-        gru = cls(config, store, _token=_CREATE_TOKEN)
+        store = assembly.make_store(config)
+        gru = cls(
+            config, store, assembly.make_logger(config), assembly.make_metrics(config),
+            _token=_CREATE_TOKEN,
+        )  # fmt: skip
         _live_gru = gru
         try:
+            await gru.logger.startup()
             if store is not None:
                 await store.open()
-            gru._ops.start()
+            await gru._ops.start()
             gru._install_signal_handlers()
             gru._reaper.start()
         except BaseException:
             await gru._ops.stop()
             _live_gru = None
-            gru._close_logger()
+            await gru._close_logger()
             raise
+        _warn_at_exit_if_abandoned()
         gru.logger.info("gru started (store=%s)", type(store).__name__, **ids())
         gru._ops.ready()
         return gru
@@ -172,101 +204,57 @@ class Gru:
         minion: type | str,
         *,
         minion_config: Any = None,
+        minion_config_path: str | os.PathLike[str] | None = None,
         max_in_flight: int | None = None,
     ) -> StartResult:
         """Validate, start and subscribe one orchestration, resuming its saved workflows.
 
-        ``pipeline``/``minion`` are classes or ``"module:Class"`` strings. Any failure returns
-        ``StartResult(success=False, reason=...)`` and rolls back what this call started.
+        ``pipeline``/``minion`` are classes, ``"module:Class"`` strings or module paths (the
+        module's ``pipeline =``/``minion =`` variable, else its one local subclass). Config
+        comes inline (``minion_config``: the declared type, or a mapping of its fields) or from
+        a file (``minion_config_path``: TOML or JSON, or the minion's ``load_config``). Any
+        failure returns ``StartResult(success=False, reason=...)`` and rolls back what this
+        call started; success has ``reason=None``.
         """
         async with self._lock:
             if self.state is not GruState.RUNNING:
                 return StartResult(False, f"Gru is {self.state.value}")
             try:
                 bound = check_max_in_flight(max_in_flight or self.config.max_in_flight)
-                comp = compose(pipeline, minion, minion_config)
-                if comp.orchestration_id in self._orchestrations:
+                config_file = None
+                if minion_config_path is not None:
+                    config_file = await asyncio.to_thread(read_config_file, minion_config_path)
+                comp = compose(pipeline, minion, minion_config, config_file)
+                if comp.orchestration_id in self._set.running:
                     raise CompositionError(
                         f"orchestration {comp.orchestration_id} ({import_path(comp.pipeline_cls)}"
                         f" -> {import_path(comp.minion_cls)}) is already running"
                     )
-                plan = self._graph.plan([comp.pipeline_cls, comp.minion_cls])
-            except (CompositionError, TypeError, ValueError) as exc:
-                self.logger.warning("start_orchestration refused: %s", exc, **ids())
+                plan = self._set.graph.plan([comp.pipeline_cls, comp.minion_cls])
+            except (CompositionError, ConfigError, TypeError, ValueError) as exc:
+                self._failures(
+                    ("start-refused", str(exc)[:80]), f"start_orchestration refused: {exc}",
+                    level=WARNING,
+                )  # fmt: skip
                 return StartResult(False, str(exc))
             try:
-                resumed = await self._start(comp, plan, bound)
-            except _StartFailed as exc:
-                self.logger.error("orchestration failed to start: %s", exc, **ids())
-                return StartResult(False, str(exc), comp.orchestration_id)
-            return StartResult(True, "", comp.orchestration_id, resumed)
+                resumed = await self._set.start(comp, plan, bound)
+            except StartFailed as exc:
+                self._failures(
+                    ("start-failed", comp.orchestration_id),
+                    f"orchestration failed to start: {exc}", exc.__cause__,
+                )  # fmt: skip
+                cause = repr(exc.__cause__) if exc.__cause__ is not None else None
+                return StartResult(False, str(exc), comp.orchestration_id, cause=cause)
+            return StartResult(True, None, comp.orchestration_id, resumed)
 
-    async def _start(self, comp: Composition, plan: list[type[Resource]], bound: int) -> int:
-        """Acquire resources, pipeline and minion, then resume; undo everything on failure."""
-        async with contextlib.AsyncExitStack() as undo:
-            try:
-                await self._graph.acquire(plan)
-            except ResourceStartError as exc:
-                raise _StartFailed(str(exc)) from exc
-            undo.push_async_callback(self._graph.release, plan)
-            runner = await self._acquire_pipeline(comp)
-            undo.push_async_callback(self._release_pipeline, comp.pipeline_cls)
-            minion = await self._start_minion(comp)
-            undo.push_async_callback(self._quietly, minion.shutdown, comp.minion_cls)
-            orch = Orchestration(comp, minion, self._store, self.logger, bound)
-            try:
-                resumed = await orch.resume()
-            except Exception as exc:
-                raise _StartFailed(f"could not load saved workflows: {exc!r}") from exc
-            undo.pop_all()
-        orch.state = OrchestrationState.RUNNING
-        self._orchestrations[orch.id] = _Running(orch, plan, runner)
-        runner.subscribe(orch)
-        self._ops.update_status()
-        self.logger.info(
-            "orchestration started: %s -> %s (resumed %d)", import_path(comp.pipeline_cls),
-            import_path(comp.minion_cls), resumed, **ids(orch.id),
-        )  # fmt: skip
-        return resumed
+    async def start(self, pipeline: type | str, minion: type | str, **kwargs: Any) -> StartResult:
+        """The established short name of :meth:`start_orchestration`."""
+        return await self.start_orchestration(pipeline, minion, **kwargs)
 
-    async def _start_minion(self, comp: Composition) -> Any:
-        try:
-            minion = comp.minion_cls(comp.config)
-            self._graph.inject(minion)
-            await minion.startup()
-        except Exception as exc:
-            name = comp.minion_cls.__name__
-            raise _StartFailed(f"minion {name} failed to start: {exc!r}") from exc
-        return minion
-
-    async def _acquire_pipeline(self, comp: Composition) -> PipelineRunner:
-        slot = self._pipelines.get(comp.pipeline_cls)
-        if slot is not None:
-            slot.refs += 1
-            return slot.runner
-        name = comp.pipeline_cls.__name__
-        try:
-            pipeline = comp.pipeline_cls()
-            self._graph.inject(pipeline)
-            await pipeline.startup()
-        except Exception as exc:
-            raise _StartFailed(f"pipeline {name} failed to start: {exc!r}") from exc
-        runner = PipelineRunner(
-            pipeline, comp.event_type, name, self.logger, self.config.pipeline_retry_s
-        )
-        if self._paused:
-            runner.pause()
-        self._pipelines[comp.pipeline_cls] = _PipelineSlot(runner, 1)
-        return runner
-
-    async def _release_pipeline(self, pipeline_cls: type) -> dict[str, str]:
-        slot = self._pipelines[pipeline_cls]
-        slot.refs -= 1
-        if slot.refs > 0:
-            return {}
-        del self._pipelines[pipeline_cls]
-        await slot.runner.stop()
-        return await self._quietly(slot.runner.pipeline.shutdown, pipeline_cls)
+    async def stop(self, orchestration_id: str) -> StopResult:
+        """The established short name of :meth:`stop_orchestration`."""
+        return await self.stop_orchestration(orchestration_id)
 
     async def stop_orchestration(self, orchestration_id: str) -> StopResult:
         """Stop one orchestration (others keep running): unsubscribe it from its pipeline, give
@@ -275,70 +263,12 @@ class Gru:
         if not isinstance(orchestration_id, str):
             raise TypeError("orchestration_id must be a str (StartResult.orchestration_id)")
         async with self._lock:
-            running = self._orchestrations.get(orchestration_id)
+            running = self._set.running.get(orchestration_id.strip())
             if running is None:
                 return StopResult(False, f"no running orchestration {orchestration_id!r}")
-            cancelled, errors = await self._stop_all([running])
-        reason = "; ".join(errors.values())
-        return StopResult(not errors, reason, orchestration_id, cancelled, errors)
-
-    async def _stop_all(self, stopping: list[_Running]) -> tuple[int, dict[str, str]]:
-        """Drain ``stopping`` together under one grace period, then tear each down."""
-        for running in stopping:
-            running.runner.unsubscribe(running.orchestration)
-            running.orchestration.begin_drain()
-        for running in stopping:
-            if running.runner.subscriber_count == 0:
-                await running.runner.stop()
-        await self._wait_drained(t for r in stopping for t in r.orchestration.tasks)
-        cancelled = 0
-        errors: dict[str, str] = {}
-        for running in reversed(stopping):
-            cancelled += await running.orchestration.cancel_remaining()
-            errors |= await self._teardown(running)
-        return cancelled, errors
-
-    async def _wait_drained(self, tasks: Iterable[asyncio.Task[None]]) -> None:
-        """Wait for ``tasks`` until the grace period ends or a second signal cuts it short."""
-        pending: set[asyncio.Future[Any]] = set(tasks)
-        if not pending:
-            return
-        deadline = time.monotonic() + self.config.grace_period_s
-        cut = asyncio.ensure_future(self._grace_cut.wait())
-        try:
-            while pending and not cut.done():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                _, pending = await asyncio.wait(
-                    pending | {cut}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-                )
-                pending.discard(cut)
-        finally:
-            cut.cancel()
-            await asyncio.gather(cut, return_exceptions=True)
-
-    async def _teardown(self, running: _Running) -> dict[str, str]:
-        orch = running.orchestration
-        errors = await self._quietly(orch.minion.shutdown, orch.composition.minion_cls)
-        errors |= await self._release_pipeline(orch.composition.pipeline_cls)
-        for name, exc in (await self._graph.release(running.plan)).items():
-            errors[name] = repr(exc)
-            self.logger.error("resource shutdown failed: %s: %r", name, exc, **ids(orch.id))
-        orch.state = OrchestrationState.STOPPED
-        self._orchestrations.pop(orch.id, None)
-        self._ops.update_status()
-        self.logger.info("orchestration stopped", **ids(orch.id))
-        return errors
-
-    async def _quietly(self, hook: Callable[[], Awaitable[None]], owner: type) -> dict[str, str]:
-        """Await a user shutdown hook; an error is logged and returned, never raised."""
-        try:
-            await hook()
-        except Exception as exc:
-            self.logger.error("%s.shutdown() raised %r", owner.__name__, exc, exc_info=exc, **ids())
-            return {import_path(owner): repr(exc)}
-        return {}
+            cancelled, errors = await self._set.stop([running])
+        reason = "; ".join(errors.values()) or None
+        return StopResult(not errors, reason, running.orchestration.id, cancelled, errors)
 
     # --- shutdown ----------------------------------------------------------------------------
 
@@ -355,7 +285,7 @@ class Gru:
         errors: dict[str, str] = {}
         try:
             async with self._lock:
-                cancelled, errors = await self._stop_all(list(self._orchestrations.values()))
+                cancelled, errors = await self._set.stop(list(self._set.running.values()))
                 errors |= await self._close_store()
         except Exception as exc:
             self.logger.error("shutdown failed: %r", exc, exc_info=exc, **ids())
@@ -363,11 +293,13 @@ class Gru:
         finally:
             errors |= await self._ops.stop()
             await self._finish_shutdown()
-            self._shutdown_result = ShutdownResult(not errors, errors, cancelled)
+            reason = f"shutdown finished with {len(errors)} error(s)" if errors else None
+            self._shutdown_result = ShutdownResult(not errors, errors, cancelled, reason)
             self.logger.info(
                 "gru stopped (%d workflows cancelled, %d errors)", cancelled, len(errors), **ids()
             )
-            self._close_logger()
+            self._failures.flush()
+            await self._close_logger()
             self._closed.set()
         return self._shutdown_result
 
@@ -399,10 +331,16 @@ class Gru:
         """Return once shutdown has finished (a launcher's ``main`` awaits this, then exits 0)."""
         await self._closed.wait()
 
-    def _close_logger(self) -> None:
-        if self._default_logger is not None:
-            self._default_logger.close()
-            self._default_logger = None
+    async def _close_logger(self) -> None:
+        """Deliver what is still queued for the logger, then release it; a failing logger is
+        reported on stderr, never raised."""
+        try:
+            await self.logger.flush()
+            await asyncio.wait_for(self.logger.shutdown(), _LOGGER_SHUTDOWN_S)
+        except Exception as exc:
+            print(
+                f"minions: {type(self.logger).__name__}.shutdown() raised {exc!r}", file=sys.stderr
+            )
 
     # --- signals -----------------------------------------------------------------------------
 
@@ -422,7 +360,7 @@ class Gru:
             self._track(self.shutdown())
         else:
             self.logger.warning("%s received again: cancelling in-flight steps now", name, **ids())
-            self._grace_cut.set()
+            self._set.grace_cut.set()
 
     def _track(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -430,19 +368,29 @@ class Gru:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    # --- hooks for resources and the memory monitor ------------------------------------------
+    # --- hooks for components, resources and the memory monitor ------------------------------
+
+    def _prepare_resource(self, resource: Resource) -> None:
+        supervise_tasks(resource, self._task_failed)
+        self._ops.prepare_resource(resource)
+
+    def _task_failed(self, owner: object, label: str, exc: BaseException) -> None:
+        name = type(owner).__name__
+        self._failures(
+            ("task", name, label, type(exc).__name__),
+            f"{name} task {label} (safe_create_task) raised {exc!r}", exc,
+        )  # fmt: skip
+
+    def _metrics_failed(self, what: str, exc: BaseException) -> None:
+        self._failures(("metrics", what), f"{what}: {exc!r}; that metric is off from now", exc)
 
     def pause_pipelines(self) -> None:
         """Stop asking pipelines for events (in-flight workflows continue). Called on the loop by
         the memory monitor at HIGH pressure; :meth:`resume_pipelines` undoes it."""
-        self._paused = True
-        for slot in self._pipelines.values():
-            slot.runner.pause()
+        self._set.pipelines.pause()
 
     def resume_pipelines(self) -> None:
-        self._paused = False
-        for slot in self._pipelines.values():
-            slot.runner.resume()
+        self._set.pipelines.resume()
 
     def apply_memory_level(self, level: MemoryLevel) -> None:
         """Memory monitor hook, called on each level change: HIGH and above pause pipelines."""
@@ -454,11 +402,13 @@ class Gru:
     def resource_failed(self, resource: Resource, error: BaseException) -> None:
         """Report that a running resource broke for good: every orchestration that depends on it
         is stopped (in a tracked task); orchestrations that do not are untouched."""
-        cls = self._graph.mark_failed(resource, error)
+        cls = self._set.graph.mark_failed(resource, error)
         if cls is None or self.state is not GruState.RUNNING:
             return
-        self.logger.error("resource %s failed: %r", cls.__name__, error, exc_info=error, **ids())
-        dependents = [oid for oid, r in self._orchestrations.items() if cls in r.plan]
+        self._failures(
+            ("resource", cls.__name__), f"resource {cls.__name__} failed: {error!r}", error
+        )
+        dependents = [oid for oid, r in self._set.running.items() if cls in r.plan]
         for oid in dependents:
             self._track(self.stop_orchestration(oid))
 
@@ -468,7 +418,7 @@ class Gru:
     def metrics_port(self) -> int | None:
         """The port ``/metrics`` is bound to (the real one with ``metrics_port=0``); ``None``
         when metrics are off, the port could not be bound, or Gru has shut down."""
-        return self._ops.metrics.port if self._ops.metrics is not None else None
+        return self._ops.metrics_port
 
     @property
     def memory_monitor(self) -> MemoryMonitor:
@@ -480,10 +430,37 @@ class Gru:
         memory level and the metrics URL."""
         return GruStatus(
             state=self.state,
-            orchestrations=tuple(r.orchestration.status() for r in self._orchestrations.values()),
-            resources=tuple(resource_status(*row) for row in self._graph.snapshot()),
-            pipelines_paused=self._paused,
+            orchestrations=tuple(r.orchestration.status() for r in self._set.running.values()),
+            resources=tuple(resource_status(*row) for row in self._set.graph.snapshot()),
+            pipelines_paused=self._set.pipelines.paused,
             durable=self._store is not None,
             memory_level=self._ops.monitor.level,
             metrics_url=self._ops.metrics_url,
         )
+
+    async def runtime_state_snapshot(self) -> GruRuntimeStateSnapshot:
+        """The live component graph by identifier (see :mod:`minions.runtime.snapshot`)."""
+        async with self._lock:
+            return self._set.snapshot()
+
+
+_exit_warning: list[Callable[[], None]] = []
+
+
+def _warn_at_exit_if_abandoned() -> None:
+    """Once per process: at interpreter exit, say so if a Gru was left running (``main()``
+    returned without ``await gru.wait_closed()``, so the loop and the process just ended)."""
+    if _exit_warning:
+        return
+
+    def warn() -> None:
+        gru = _live_gru
+        if gru is None or gru.state is not GruState.RUNNING or not gru._set.running:
+            return
+        status = gru.status().orchestrations
+        finished = sum(o.succeeded + o.failed + o.aborted for o in status)
+        in_flight = sum(o.in_flight for o in status)
+        print(abandoned_message(len(status), finished, in_flight), file=sys.stderr)
+
+    _exit_warning.append(warn)
+    atexit.register(warn)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextvars
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+
+from minions._tasks import TaskOwner
 
 E = TypeVar("E")
 Ctx = TypeVar("Ctx")
@@ -43,6 +45,32 @@ class WorkflowScope:
     workflow_id: str
     event: Any
     context: Any
+    orchestration_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MinionWorkflowHandle:
+    """The running workflow's identity, for correlating business records with Minions' logs."""
+
+    orchestration_id: str
+    workflow_id: str
+
+
+@dataclass
+class MinionWorkflowContext(Generic[E, Ctx]):
+    """One workflow as the established API describes it: identity, event, context and the
+    index of the next step (what a checkpoint holds, decoded)."""
+
+    orchestration_id: str
+    workflow_id: str
+    event: E
+    context: Ctx
+    next_step_index: int = 0
+    error_msg: str | None = None
+    started_at: float | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(vars(self))
 
 
 CURRENT_WORKFLOW: contextvars.ContextVar[WorkflowScope] = contextvars.ContextVar(
@@ -50,12 +78,13 @@ CURRENT_WORKFLOW: contextvars.ContextVar[WorkflowScope] = contextvars.ContextVar
 )
 
 
-class Minion(Generic[E, Ctx]):
+class Minion(TaskOwner, Generic[E, Ctx]):
     """Base class of workflows: subclass as ``Minion[MyEvent, MyContext]``.
 
     Each event the pipeline produces starts one workflow: a fresh ``Ctx()`` and the
     ``@minion_step`` methods run in order. Raise :class:`~minions.AbortWorkflow` in a step to end
     the workflow on purpose. Resources are injected by class annotation before ``startup()``.
+    Declare ``config: MyConfig`` to receive a typed configuration (see ``minion_config``).
     """
 
     _minion_steps: tuple[str, ...] = ()
@@ -68,7 +97,7 @@ class Minion(Generic[E, Ctx]):
                 steps.append(name)
         cls._minion_steps = tuple(steps)
 
-    def __init__(self, config: Mapping[str, Any] | str | None = None) -> None:
+    def __init__(self, config: Any = None) -> None:
         self.config = config
 
     @property
@@ -86,6 +115,18 @@ class Minion(Generic[E, Ctx]):
         """Id of the current workflow, stable across a resume."""
         return _current(self).workflow_id
 
+    @property
+    def workflow_handle(self) -> MinionWorkflowHandle:
+        """Orchestration and workflow id of the current workflow (only inside a step)."""
+        scope = _current(self)
+        return MinionWorkflowHandle(scope.orchestration_id, scope.workflow_id)
+
+    async def load_config(self, config_path: str) -> Any:
+        """Override to read ``minion_config_path`` yourself (another format, a remote source);
+        return an instance of the declared ``config`` type. Without an override Gru reads
+        TOML and JSON files and converts them to that type."""
+        raise NotImplementedError(f"{type(self).__name__}.load_config() is not overridden")
+
     async def startup(self) -> None:
         """Called once when the orchestration starts, after resources are injected."""
 
@@ -98,7 +139,8 @@ def _current(minion: Minion[Any, Any]) -> WorkflowScope:
         return CURRENT_WORKFLOW.get()
     except LookupError:
         raise RuntimeError(
-            f"{type(minion).__name__}.event/.context are only available inside a @minion_step"
+            f"{type(minion).__name__}.event/.context/.workflow_handle are only available inside "
+            "a @minion_step"
         ) from None
 
 

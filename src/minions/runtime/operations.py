@@ -24,19 +24,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable
 
+import psutil
+
+from minions.ops import metrics as declared
 from minions.ops import sdnotify
 from minions.ops.levels import MemoryLevel
 from minions.ops.memory import MemoryMonitor, MemorySample
-from minions.ops.metrics_server import MetricsServer, MetricsServerError, start_metrics_server
 from minions.pool.pool import WorkerPool
 from minions.resource import Resource
-from minions.runtime.composition import import_path
 from minions.runtime.config import GruConfig
-from minions.runtime.log import LoggerLike, ids
+from minions.runtime.identity import import_path
+from minions.runtime.log import Logger, ids
+from minions.runtime.resource_calls import track_calls
 from minions.runtime.resources import ResourceState
 from minions.runtime.results import GruStatus, ResourceStatus
+from minions.runtime.telemetry import Metrics, PrometheusMetrics, RuntimeMetrics
 
 _PAUSE_NOTE = {
     MemoryLevel.NORMAL: "pipelines resumed",
@@ -51,14 +56,16 @@ class Operations:
     def __init__(
         self,
         config: GruConfig,
-        logger: LoggerLike,
+        logger: Logger,
+        metrics: RuntimeMetrics,
         status: Callable[[], GruStatus],
         on_level: Callable[[MemoryLevel], None],
     ) -> None:
         self.config = config
         self.monitor = MemoryMonitor(config.memory, interval_s=config.memory_interval_s)
         self.watchdog = sdnotify.Watchdog()
-        self.metrics: MetricsServer | None = None
+        self.metrics = metrics
+        self._metrics_started = False
         self._logger = logger
         self._status = status
         self._on_level = on_level
@@ -67,18 +74,29 @@ class Operations:
         self._last_status = ""
 
     @property
+    def _prometheus(self) -> PrometheusMetrics | None:
+        backend = self.metrics.backend
+        return backend if isinstance(backend, PrometheusMetrics) else None
+
+    @property
     def metrics_url(self) -> str | None:
-        return self.metrics.url if self.metrics is not None else None
+        return self._prometheus.url if self._prometheus is not None else None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._prometheus.port if self._prometheus is not None else None
 
     # --- start -------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start the monitor, the endpoint, the watchdog and the status refresher; called once
-        by ``Gru.create``, which then calls :meth:`ready` as its very last step."""
+    async def start(self) -> None:
+        """Start the monitor, the metrics backend (the endpoint), the watchdog and the status
+        refresher; called once by ``Gru.create``, which then calls :meth:`ready` last."""
         self.monitor.start()
         self._unsubscribe = self.monitor.subscribe(self._level_changed)
         self._on_level(self.monitor.level)  # the first sample may already be above NORMAL
-        self._serve_metrics()
+        declared.HOST_MEMORY_TOTAL_BYTES.set(psutil.virtual_memory().total)
+        declared.HOST_CPUS.set(os.cpu_count() or 1)
+        await self._start_metrics(self.metrics.backend)
         self.watchdog.start()
         if sdnotify.enabled():
             self._refresher = asyncio.create_task(self._refresh(), name="minions-gru-status")
@@ -89,22 +107,26 @@ class Operations:
             self._last_status = self.summary()
             sdnotify.ready(self._last_status)
 
-    def _serve_metrics(self) -> None:
-        if not self.config.serves_metrics:
-            return
-        host, port = self.config.metrics_host, self.config.metrics_port
+    async def _start_metrics(self, backend: Metrics) -> None:
+        """A backend that cannot start (a taken port, a broken custom backend) is one logged
+        error: Gru runs on without it rather than not at all."""
         try:
-            self.metrics = start_metrics_server(host, port)
-        except (MetricsServerError, OSError) as exc:  # OSError: an unresolvable host
+            await backend.startup()
+        except Exception as exc:
             self._logger.error("metrics disabled, Gru runs on without /metrics: %s", exc, **ids())
             return
-        self._logger.info("serving Prometheus metrics at %s", self.metrics.url, **ids())
+        self._metrics_started = True
+        if self.metrics_url is not None:
+            self._logger.info("serving Prometheus metrics at %s", self.metrics_url, **ids())
 
     def prepare_resource(self, resource: Resource) -> None:
         """Called by the resource graph between a resource's constructor and its ``startup()``:
-        a pool then follows Gru's monitor (its own ``memory`` thresholds, if any, are unused)."""
+        a pool then follows Gru's monitor (its own ``memory`` thresholds, if any, are unused);
+        any other resource gets its per-method call metrics."""
         if isinstance(resource, WorkerPool):
             resource.attach_memory_monitor(self.monitor)
+        else:
+            track_calls(resource, self.metrics)
 
     # --- while running -----------------------------------------------------------------------
 
@@ -146,13 +168,14 @@ class Operations:
             self._unsubscribe()
             self._unsubscribe = None
         await self.monitor.stop()
-        server, self.metrics = self.metrics, None
-        if server is not None:
-            try:  # close() joins the serving thread: never on the loop
-                await asyncio.to_thread(server.close)
+        if self._metrics_started:
+            self._metrics_started = False
+            backend = self.metrics.backend
+            try:
+                await backend.shutdown()
             except Exception as exc:
-                self._logger.error("closing /metrics failed: %r", exc, exc_info=exc, **ids())
-                errors["minions.ops.metrics_server:MetricsServer"] = repr(exc)
+                self._logger.error("stopping metrics failed: %r", exc, exc_info=exc, **ids())
+                errors[import_path(type(backend))] = repr(exc)
         refresher, self._refresher = self._refresher, None
         if refresher is not None:
             refresher.cancel()

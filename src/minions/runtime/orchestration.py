@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import functools
 import itertools
 import os
 import sys
@@ -30,12 +29,17 @@ from typing import Any
 import msgspec
 
 from minions.errors import AbortWorkflow
-from minions.ops.metrics import STEP_SECONDS, WORKFLOWS, WORKFLOWS_IN_FLIGHT
-from minions.runtime.composition import Composition, import_path
-from minions.runtime.log import LoggerLike, ids
+from minions.runtime import telemetry
+from minions.runtime.checkpoints import Checkpoints, Unencodable
+from minions.runtime.composition import Composition
+from minions.runtime.config import PersistencePolicy
+from minions.runtime.console import Failures
+from minions.runtime.identity import import_path
+from minions.runtime.log import ids
 from minions.runtime.minion import CURRENT_WORKFLOW, Minion, WorkflowScope
 from minions.runtime.results import OrchestrationState, OrchestrationStatus
-from minions.runtime.state import SQLiteStateStore, StateStore, WorkflowRecord
+from minions.runtime.store_contract import StateStore, WorkflowRecord
+from minions.runtime.telemetry import RuntimeMetrics
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 _LIBRARY_DIRS = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
@@ -56,7 +60,7 @@ class _Workflow:
     context: Any
     step_index: int
     created_at: float
-    saved: bool = False
+    saved: bool = False  # a checkpoint of it is in the store: delete it when it ends
 
 
 class Orchestration:
@@ -67,8 +71,10 @@ class Orchestration:
         composition: Composition,
         minion: Minion[Any, Any],
         store: StateStore | None,
-        logger: LoggerLike,
+        failures: Failures,
+        metrics: RuntimeMetrics,
         max_in_flight: int,
+        policy: PersistencePolicy,
     ) -> None:
         self.id = composition.orchestration_id
         self.composition = composition
@@ -77,8 +83,11 @@ class Orchestration:
         self.max_in_flight = max_in_flight
         self.counts = {outcome: 0 for outcome in Outcome}
         self._store = store
-        self._delete_nowait = store.delete_nowait if isinstance(store, SQLiteStateStore) else None
-        self._logger = logger
+        self._checkpoints = (
+            Checkpoints(self.id, store, policy, failures, metrics) if store is not None else None
+        )
+        self._failures = failures
+        self._metrics = metrics
         self._steps = [getattr(minion, name) for name in composition.steps]
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
@@ -91,10 +100,17 @@ class Orchestration:
         self._context_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
             composition.context_type
         )
-        self._step_timers = [STEP_SECONDS.labels(self.id, name) for name in composition.steps]
-        self._lifecycle = {e: WORKFLOWS.labels(self.id, e) for e in _EVENTS}
-        self._gauge = WORKFLOWS_IN_FLIGHT.labels(self.id)
-        self._gauge.set_function(lambda: len(self._tasks))  # read at scrape time, not per step
+        self._step_timers = [
+            metrics.child(telemetry.STEP_SECONDS, orchestration=self.id, step=name)
+            for name in composition.steps
+        ]
+        self._lifecycle = {
+            e: metrics.child(telemetry.WORKFLOWS, orchestration=self.id, event=e) for e in _EVENTS
+        }
+        self._gauge = metrics.child(telemetry.IN_FLIGHT, orchestration=self.id)
+        self._gauge_live = callable(getattr(self._gauge, "set_function", None))
+        if self._gauge_live:  # read at scrape time, not per workflow
+            self._gauge.set_function(lambda: len(self._tasks))
         # Workflow ids: a random prefix per start plus a counter, unique across restarts and far
         # cheaper than a uuid4 per workflow.
         self._id_prefix = os.urandom(6).hex() + "-"
@@ -132,22 +148,30 @@ class Orchestration:
     async def resume(self) -> int:
         """Restart this orchestration's saved workflows at their stored step; returns the count.
 
-        A record that no longer decodes (the event or context type changed incompatibly) is
-        logged and left in the store for an operator, never silently deleted.
+        Workflows saved under the id the same components had before they were stamped are
+        adopted (re-keyed to this id first). A record that no longer decodes (the event or
+        context type changed incompatibly) is logged and left in the store for an operator,
+        never silently deleted.
         """
         if self._store is None:
             return 0
         resumed = 0
-        for record in await self._store.load(self.id):
+        records = [(self.id, r) for r in await self._store.load(self.id)]
+        for old_id in self.composition.adopt_from:
+            records += [(old_id, r) for r in await self._store.load(old_id)]
+        for saved_under, record in records:
             try:
                 event = self._event_decoder.decode(record.event)
                 context = self._context_decoder.decode(record.context)
             except msgspec.DecodeError as exc:
-                self._logger.error(
+                self._failures.logger.error(
                     "saved workflow no longer decodes, left in the store: %s", exc,
-                    **ids(self.id, record.workflow_id),
+                    **ids(saved_under, record.workflow_id),
                 )  # fmt: skip
                 continue
+            if saved_under != self.id:
+                record = msgspec.structs.replace(record, orchestration_id=self.id)
+                await self._store.move(record, saved_under)
             workflow = _Workflow(
                 record.workflow_id, event, record.event, context, record.step_index,
                 record.created_at, saved=True,
@@ -175,7 +199,10 @@ class Orchestration:
         for task in remaining:
             task.cancel()
         await asyncio.gather(*remaining, return_exceptions=True)
-        self._gauge.set_function(lambda: 0.0)  # release this object; the series reads 0
+        if self._gauge_live:
+            self._gauge.set_function(lambda: 0.0)  # release this object; the series reads 0
+        else:
+            self._gauge.set(0)
         return len(remaining)
 
     def status(self) -> OrchestrationStatus:
@@ -197,45 +224,63 @@ class Orchestration:
         task = asyncio.create_task(self._run(workflow), name=f"minions-wf:{workflow.workflow_id}")
         self._tasks.add(task)
         task.add_done_callback(self._on_done)
+        if not self._gauge_live:
+            self._gauge.set(len(self._tasks))
 
     def _on_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._room.set()
+        if not self._gauge_live:
+            self._gauge.set(len(self._tasks))
         if not task.cancelled() and (exc := task.exception()) is not None:
-            self._logger.error("workflow task crashed: %r", exc, exc_info=exc, **ids(self.id))
+            self._failures(
+                ("workflow-task", self.id, type(exc).__name__),
+                f"workflow task crashed: {exc!r}", exc, extra=ids(self.id)["extra"],
+            )  # fmt: skip
 
     async def _run(self, workflow: _Workflow) -> None:
-        CURRENT_WORKFLOW.set(WorkflowScope(workflow.workflow_id, workflow.event, workflow.context))
+        CURRENT_WORKFLOW.set(
+            WorkflowScope(workflow.workflow_id, workflow.event, workflow.context, self.id)
+        )
         outcome = await self._run_steps(workflow)
         self.counts[outcome] += 1
         if outcome is Outcome.PARKED:
             return
         self._lifecycle[outcome.value].inc()
         if workflow.saved:
-            if self._delete_nowait is None:
-                await self._forget(workflow)
-            else:
-                self._forget_soon(workflow.workflow_id)
+            assert self._checkpoints is not None
+            pending = self._checkpoints.forget(workflow.workflow_id)
+            if pending is not None:
+                await pending
 
     async def _run_steps(self, workflow: _Workflow) -> Outcome:
         index = workflow.step_index
         try:
             for index in range(workflow.step_index, len(self._steps)):
                 if self._store is not None:
-                    await self._checkpoint(workflow, index)
-                    workflow.saved = True
-                    if self._draining:
-                        return Outcome.PARKED
+                    try:
+                        await self._checkpoint(workflow, index)
+                        durable = True
+                    except Unencodable as exc:
+                        return self._stop_unencodable(workflow, index, exc)
+                    except Exception as exc:
+                        durable = await self._checkpoint_failed(workflow, index, exc)
+                    if durable:
+                        workflow.saved = True
+                        if self._draining:
+                            return Outcome.PARKED
                 started = time.perf_counter()
                 await self._steps[index]()
                 self._step_timers[index].observe(time.perf_counter() - started)
         except AbortWorkflow as exc:
-            self._logger.info(
+            self._step_ended(index, "aborted")
+            self._failures.logger.info(
                 "workflow aborted in step %s: %s", self.composition.steps[index], exc,
                 **ids(self.id, workflow.workflow_id),
             )  # fmt: skip
             return Outcome.ABORTED
         except Exception as exc:
+            self._step_ended(index, "failed")
             self._log_failure(workflow, index, exc)
             return Outcome.FAILED
         return Outcome.SUCCEEDED
@@ -244,47 +289,47 @@ class Orchestration:
         """The save before step ``index``, for the caller to await. A plain call, not a
         coroutine: every waiting workflow then holds one coroutine fewer for the GC to scan."""
         assert self._store is not None and workflow.event_bytes is not None  # encoded once
+        try:
+            context = self._encoder.encode(workflow.context)
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+            raise Unencodable(str(exc)) from exc
         record = WorkflowRecord(  # positional: this runs before every step
-            self.id, workflow.workflow_id, workflow.event_bytes,
-            self._encoder.encode(workflow.context), index, workflow.created_at, time.time(),
+            self.id, workflow.workflow_id, workflow.event_bytes, context, index,
+            workflow.created_at, time.time(),
         )  # fmt: skip
         return self._store.save(record)
 
-    async def _forget(self, workflow: _Workflow) -> None:
-        assert self._store is not None
-        try:
-            await self._store.delete(self.id, workflow.workflow_id)
-        except Exception as exc:
-            self._log_forget_failure(workflow.workflow_id, exc)
-
-    def _forget_soon(self, workflow_id: str) -> None:
-        """Queue the delete and end the workflow without waiting for its commit.
-
-        Waiting would buy nothing: a crash before the commit re-runs the last step, exactly as
-        a crash just before the delete does. It saves every workflow a third suspension and
-        keeps its objects from outliving a whole commit. A failure is still logged, and the
-        store's loads queue behind the delete, so a restarted orchestration never sees it.
-        """
-        assert self._delete_nowait is not None
-        future = self._delete_nowait(self.id, workflow_id)
-        future.add_done_callback(functools.partial(self._on_forgotten, workflow_id))
-
-    def _on_forgotten(self, workflow_id: str, future: asyncio.Future[None]) -> None:
-        if not future.cancelled() and (exc := future.exception()) is not None:
-            self._log_forget_failure(workflow_id, exc)
-
-    def _log_forget_failure(self, workflow_id: str, exc: BaseException) -> None:
-        self._logger.error(
-            "could not delete the finished workflow's checkpoint (it will re-run its last "
-            "step on resume): %r", exc, exc_info=exc, **ids(self.id, workflow_id),
+    async def _checkpoint_failed(self, workflow: _Workflow, index: int, exc: Exception) -> bool:
+        """The save before step ``index`` raised: the policy decides (see ``checkpoints``)."""
+        assert self._checkpoints is not None and workflow.event_bytes is not None
+        record = WorkflowRecord(
+            self.id, workflow.workflow_id, workflow.event_bytes,
+            self._encoder.encode(workflow.context), index, workflow.created_at, time.time(),
         )  # fmt: skip
+        return await self._checkpoints.save_failed(record, self.composition.steps[index], exc)
+
+    def _stop_unencodable(self, workflow: _Workflow, index: int, exc: Unencodable) -> Outcome:
+        """Not retryable: end the workflow as failed, keeping its last durable checkpoint."""
+        assert self._checkpoints is not None
+        self._checkpoints.unencodable(workflow.workflow_id, self.composition.steps[index], exc)
+        workflow.saved = False  # nothing to delete: the last good checkpoint stays for resume
+        return Outcome.FAILED
+
+    def _step_ended(self, index: int, outcome: str) -> None:
+        step = self.composition.steps[index]
+        self._metrics.child(
+            telemetry.STEP_FAILURES, orchestration=self.id, step=step, outcome=outcome
+        ).inc()
 
     def _log_failure(self, workflow: _Workflow, index: int, exc: Exception) -> None:
         filename, lineno = user_frame(exc)
-        self._logger.error(
-            "workflow failed in step %s at %s:%d: %s: %s",
-            self.composition.steps[index], filename, lineno, type(exc).__name__, exc,
-            exc_info=exc, **ids(self.id, workflow.workflow_id),
+        step = self.composition.steps[index]
+        minion = self.composition.minion_cls.__name__
+        self._failures(
+            ("workflow", self.id, step, type(exc).__name__, f"{filename}:{lineno}"),
+            f"workflow failed in step {step} of {minion} at {filename}:{lineno}: "
+            f"{type(exc).__name__}: {exc}",
+            exc, extra=ids(self.id, workflow.workflow_id)["extra"],
         )  # fmt: skip
 
 

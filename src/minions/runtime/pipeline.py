@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from typing import Any, Generic, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import msgspec
 
-from minions.ops.metrics import PIPELINE_ERRORS, PIPELINE_EVENTS
-from minions.runtime.log import LoggerLike
+from minions._tasks import TaskOwner
+
+if TYPE_CHECKING:
+    from minions.runtime.console import Failures
+    from minions.runtime.telemetry import RuntimeMetrics
 
 E = TypeVar("E")
 
 
-class Pipeline(Generic[E]):
+class Pipeline(TaskOwner, Generic[E]):
     """Base class of event sources: subclass as ``Pipeline[MyEvent]``.
 
     Gru calls :meth:`produce_event` in a loop, only when every subscribed orchestration has room
@@ -68,7 +73,8 @@ class PipelineRunner:
         pipeline: Pipeline[Any],
         event_type: type,
         name: str,
-        logger: LoggerLike,
+        failures: Failures,
+        metrics: RuntimeMetrics,
         backoff: tuple[float, float],
     ) -> None:
         self.pipeline = pipeline
@@ -77,15 +83,17 @@ class PipelineRunner:
         self._event_type = event_type
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(event_type)
-        self._logger = logger
+        self._failures = failures
         self._backoff = backoff
         self._subscribers: list[Subscriber] = []
         self._unpaused = asyncio.Event()
         self._unpaused.set()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._events = PIPELINE_EVENTS.labels(name)
-        self._errors = PIPELINE_ERRORS.labels(name)
+        from minions.runtime import telemetry
+
+        self._events = metrics.child(telemetry.PIPELINE_EVENTS, pipeline=name)
+        self._errors = metrics.child(telemetry.PIPELINE_ERRORS, pipeline=name)
 
     @property
     def subscriber_count(self) -> int:
@@ -185,11 +193,66 @@ class PipelineRunner:
 
     def _report_error(self, exc: Exception, delay: float) -> None:
         self._errors.inc()
-        self._logger.error(
-            "pipeline %s: produce_event() raised %r; retrying in %.2fs",
-            self.name,
+        self._failures(
+            ("pipeline", self.name, type(exc).__name__),
+            f"pipeline {self.name}: produce_event() raised {exc!r}; retrying in {delay:.2f}s",
             exc,
-            delay,
-            exc_info=exc,
-            extra={"orchestration": "-", "workflow": "-"},
         )
+
+
+@dataclass(slots=True)
+class _Shared:
+    runner: PipelineRunner
+    holders: int
+
+
+class PipelineSet:
+    """Owns the running pipelines: one shared runner per pipeline class, counted by the
+    orchestrations holding it. Gru serializes acquire/release, so no locking is needed."""
+
+    def __init__(self) -> None:
+        self._shared: dict[type, _Shared] = {}
+        self.paused = False
+
+    def get(self, cls: type) -> PipelineRunner | None:
+        shared = self._shared.get(cls)
+        return shared.runner if shared is not None else None
+
+    def hold(self, cls: type) -> PipelineRunner | None:
+        """Take another hold on a running pipeline, if ``cls`` has one."""
+        shared = self._shared.get(cls)
+        if shared is None:
+            return None
+        shared.holders += 1
+        return shared.runner
+
+    def add(self, cls: type, runner: PipelineRunner) -> None:
+        """Register a freshly started pipeline with its first holder."""
+        if self.paused:
+            runner.pause()
+        self._shared[cls] = _Shared(runner, 1)
+
+    async def release(
+        self, cls: type, stop_hook: Callable[[Pipeline[Any]], Awaitable[None]]
+    ) -> None:
+        """Drop one hold; the last one stops the runner and hands the pipeline to ``stop_hook``."""
+        shared = self._shared[cls]
+        shared.holders -= 1
+        if shared.holders > 0:
+            return
+        del self._shared[cls]
+        await shared.runner.stop()
+        await stop_hook(shared.runner.pipeline)
+
+    def pause(self) -> None:
+        self.paused = True
+        for shared in self._shared.values():
+            shared.runner.pause()
+
+    def resume(self) -> None:
+        self.paused = False
+        for shared in self._shared.values():
+            shared.runner.resume()
+
+    def items(self) -> list[tuple[type, PipelineRunner]]:
+        return [(cls, shared.runner) for cls, shared in self._shared.items()]

@@ -18,9 +18,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from minions.ops.metrics import RESOURCE_ERRORS
+from minions._tasks import cancel_tasks
+from minions.exceptions import TaskCancellationTimeoutError
 from minions.resource import Resource
-from minions.runtime.composition import CompositionError, import_path
+from minions.runtime import telemetry
+from minions.runtime.composition import CompositionError
+from minions.runtime.identity import import_path
+from minions.runtime.telemetry import RuntimeMetrics
+
+_TASK_GRACE_S = 5.0
 
 
 class ResourceState(enum.Enum):
@@ -64,9 +70,17 @@ def resource_hints(cls: type) -> dict[str, type[Resource]]:
 class ResourceGraph:
     """Owns every resource instance Gru created; see the module docstring for the contract."""
 
-    def __init__(self, prepare: Callable[[Resource], None] | None = None) -> None:
+    def __init__(
+        self,
+        prepare: Callable[[Resource], None] | None = None,
+        metrics: RuntimeMetrics | None = None,
+    ) -> None:
         self._entries: dict[type[Resource], _Entry] = {}
+        self._metrics = metrics or RuntimeMetrics(telemetry.NoOpMetrics(), lambda _m, _e: None)
         self._prepare = prepare
+
+    def _count_error(self, cls: type, phase: str) -> None:
+        self._metrics.child(telemetry.RESOURCE_ERRORS, resource=cls.__name__, phase=phase).inc()
 
     def plan(self, owners: Iterable[type]) -> list[type[Resource]]:
         """Resource classes ``owners`` need, transitively, dependencies before dependents."""
@@ -117,7 +131,7 @@ class ResourceGraph:
                 self._prepare(instance)
             await instance.startup()
         except Exception as exc:
-            RESOURCE_ERRORS.labels(cls.__name__, "startup").inc()
+            self._count_error(cls, "startup")
             raise ResourceStartError(cls, exc) from exc
         entry.refs = 1
         entry.state = ResourceState.RUNNING
@@ -141,8 +155,12 @@ class ResourceGraph:
             try:
                 await entry.instance.shutdown()
             except Exception as exc:
-                RESOURCE_ERRORS.labels(cls.__name__, "shutdown").inc()
+                self._count_error(cls, "shutdown")
                 errors[import_path(cls)] = exc
+            for name in await cancel_tasks(entry.instance, _TASK_GRACE_S):
+                errors[f"{import_path(cls)}:{name}"] = TaskCancellationTimeoutError(
+                    name, _TASK_GRACE_S
+                )
             entry.state = ResourceState.STOPPED
         return errors
 
@@ -157,13 +175,17 @@ class ResourceGraph:
             if entry.instance is instance:
                 entry.state = ResourceState.FAILED
                 entry.error = error
-                RESOURCE_ERRORS.labels(cls.__name__, "runtime").inc()
+                self._count_error(cls, "runtime")
                 return cls
         return None
 
     def snapshot(self) -> list[tuple[type[Resource], Resource, int, ResourceState]]:
         """(class, instance, refcount, state) of every live resource, in start order."""
         return [(cls, e.instance, e.refs, e.state) for cls, e in self._entries.items()]
+
+    def dependencies(self) -> dict[type[Resource], tuple[type[Resource], ...]]:
+        """The resources each live resource was injected with."""
+        return {cls: tuple(e.deps.values()) for cls, e in self._entries.items()}
 
     def instance_of(self, cls: type[Resource]) -> Any:
         return self._entries[cls].instance

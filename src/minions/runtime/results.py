@@ -27,30 +27,38 @@ class OrchestrationState(enum.Enum):
 
 
 class StartResult(msgspec.Struct, frozen=True):
-    """``start_orchestration`` outcome; ``reason`` says why when ``success`` is false."""
+    """``start_orchestration`` outcome. ``reason`` is ``None`` on success and says why
+    otherwise; ``suggestion`` (when set) what to do about it; ``cause`` the underlying error."""
 
     success: bool
-    reason: str = ""
-    orchestration_id: str = ""
+    reason: str | None = None
+    orchestration_id: str | None = None
     resumed: int = 0
+    suggestion: str | None = None
+    cause: str | None = None
 
 
 class StopResult(msgspec.Struct, frozen=True):
-    """``stop_orchestration`` outcome; ``cancelled`` workflows kept their checkpoints."""
+    """``stop_orchestration`` outcome; ``cancelled`` workflows kept their checkpoints.
+    ``reason`` is ``None`` on success."""
 
     success: bool
-    reason: str = ""
-    orchestration_id: str = ""
+    reason: str | None = None
+    orchestration_id: str | None = None
     cancelled: int = 0
     errors: dict[str, str] = {}
+    suggestion: str | None = None
 
 
 class ShutdownResult(msgspec.Struct, frozen=True):
-    """``shutdown`` outcome; ``errors`` maps a component (import path) to what went wrong."""
+    """``shutdown`` outcome; ``errors`` maps a component (import path) to what went wrong and
+    ``reason`` sums them up (``None`` on success)."""
 
     success: bool
     errors: dict[str, str] = {}
     cancelled: int = 0
+    reason: str | None = None
+    suggestion: str | None = None
 
 
 class OrchestrationStatus(msgspec.Struct, frozen=True):

@@ -281,6 +281,15 @@ def read_rows(path: Path, sql: str = SELECT_ALL, params: Iterable[Any] = ()) -> 
         raise _unreadable(path, exc) from exc
 
 
+def delete_workflow(workflow_id: str, conn: sqlite3.Connection) -> None:
+    """Delete a workflow by its id alone (the store interface's key; a table scan, so Gru's own
+    deletes use the primary key instead). Run on the writer's connection: one autocommit."""
+    try:
+        conn.execute(f"DELETE FROM {TABLE} WHERE workflow_id = ?", (workflow_id,))
+    except sqlite3.Error as exc:
+        raise StateStoreError(f"could not delete workflow {workflow_id}: {exc}") from exc
+
+
 # --- group commit -----------------------------------------------------------------------------
 
 

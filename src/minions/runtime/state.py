@@ -1,4 +1,4 @@
-"""Durable workflow checkpoints: the record, the store contract, and its two implementations.
+"""Durable workflow checkpoints: the two shipped implementations of the store interface.
 
 Gru checkpoints a workflow (encoded event + context + index of the next step) *before* each
 step and deletes it when the workflow ends, so after a crash every unfinished workflow resumes
@@ -17,95 +17,42 @@ worker thread, never delaying a commit.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Protocol, Self, TypeVar, runtime_checkable
+from typing import Any, TypeVar
 
 import msgspec
 
 from minions.errors import StateStoreError
 from minions.runtime import sqlite_store as _sql
+from minions.runtime.store_contract import (
+    StateStore,
+    StoredWorkflowContext,
+    WorkflowRecord,
+    check_record,
+    decode_record,
+    stored,
+)
 
 T = TypeVar("T")
 _astuple = msgspec.structs.astuple  # the row in column order, built in C
 
 __all__ = [
     "MemoryStateStore",
+    "NoOpStateStore",
     "SQLiteStateStore",
     "StateStore",
+    "StoredWorkflowContext",
     "WorkflowRecord",
     "read_workflows",
 ]
 
 
-class WorkflowRecord(msgspec.Struct, frozen=True, gc=False):
-    """One unfinished workflow. ``event``/``context`` are opaque msgpack bytes to the store.
-
-    ``gc=False``: only str, bytes and numbers, so never part of a cycle; thousands are alive
-    while their saves wait for a commit, and the cyclic GC need not scan any of them.
-    """
-
-    orchestration_id: str
-    workflow_id: str
-    event: bytes
-    context: bytes
-    step_index: int  # index of the NEXT step to run
-    created_at: float  # time.time() of the workflow's first save
-    updated_at: float
-
-
-@runtime_checkable
-class StateStore(Protocol):
-    """What Gru needs from a checkpoint store; called only from Gru's event loop."""
-
-    async def open(self) -> None:
-        """Validate or create the store; raise :class:`StateStoreError` if it is unusable."""
-
-    async def save(self, record: WorkflowRecord) -> None:
-        """Insert or replace the record; return only once it is durable."""
-
-    async def delete(self, orchestration_id: str, workflow_id: str) -> None:
-        """Forget a finished workflow, durably; deleting an absent key is not an error."""
-
-    async def load(self, orchestration_id: str) -> list[WorkflowRecord]:
-        """Unfinished workflows of one orchestration, oldest ``created_at`` first."""
-
-    async def list_all(self) -> list[WorkflowRecord]:
-        """Every unfinished workflow, oldest first (``minions workflows``)."""
-
-    async def close(self) -> None:
-        """Flush pending writes and release the store; idempotent."""
-
-
-def _check_record(record: WorkflowRecord) -> None:
-    """Reject a malformed record in the caller, before it can fail a whole batch of others.
-
-    Runs before every checkpoint, so the common case is a handful of exact type tests; only a
-    record that fails them (a subclass, or a real mistake) pays for the precise checks.
-    """
-    if (
-        type(record) is WorkflowRecord
-        and type(record.orchestration_id) is str
-        and type(record.workflow_id) is str
-        and type(record.event) is bytes
-        and type(record.context) is bytes
-        and type(record.step_index) is int
-    ):
-        return
-    if not isinstance(record, WorkflowRecord):
-        raise TypeError(f"expected a WorkflowRecord, got {type(record).__name__}")
-    fields = (record.orchestration_id, record.workflow_id, record.event, record.context)
-    if not all(isinstance(v, t) for v, t in zip(fields, (str, str, bytes, bytes), strict=True)):
-        raise TypeError("WorkflowRecord ids must be str and event/context must be bytes")
-    if not isinstance(record.step_index, int) or isinstance(record.step_index, bool):
-        raise TypeError("WorkflowRecord.step_index must be an int")
-
-
-class MemoryStateStore:
+class MemoryStateStore(StateStore):
     """The contract without a disk: resume works only within this process (and in tests).
 
     Saves are immediate; the data survives ``close()``/``open()`` of the same object, so one
@@ -115,15 +62,16 @@ class MemoryStateStore:
     def __init__(self) -> None:
         self._records: dict[tuple[str, str], WorkflowRecord] = {}
 
-    async def open(self) -> None:
-        return None
-
     async def save(self, record: WorkflowRecord) -> None:
-        _check_record(record)
+        check_record(record)
         self._records[(record.orchestration_id, record.workflow_id)] = record
 
     async def delete(self, orchestration_id: str, workflow_id: str) -> None:
         self._records.pop((orchestration_id, workflow_id), None)
+
+    async def move(self, record: WorkflowRecord, old_orchestration_id: str) -> None:
+        await self.save(record)
+        self._records.pop((old_orchestration_id, record.workflow_id), None)
 
     async def load(self, orchestration_id: str) -> list[WorkflowRecord]:
         mine = [r for r in self._records.values() if r.orchestration_id == orchestration_id]
@@ -132,11 +80,32 @@ class MemoryStateStore:
     async def list_all(self) -> list[WorkflowRecord]:
         return sorted(self._records.values(), key=lambda r: r.created_at)
 
-    async def close(self) -> None:
-        return None
+    # the interface's primitives, on the records
+
+    async def save_context(self, workflow_id: str, orchestration_id: str, context: bytes) -> None:
+        await self.save(_keyed(decode_record(context), workflow_id, orchestration_id))
+
+    async def delete_context(self, workflow_id: str) -> None:
+        for key in [k for k in self._records if k[1] == workflow_id]:
+            del self._records[key]
+
+    async def get_contexts_for_orchestration(
+        self, orchestration_id: str
+    ) -> list[StoredWorkflowContext]:
+        return stored(await self.load(orchestration_id))
+
+    async def get_all_contexts(self) -> list[StoredWorkflowContext]:
+        return stored(await self.list_all())
 
 
-class SQLiteStateStore:
+def _keyed(record: WorkflowRecord, workflow_id: str, orchestration_id: str) -> WorkflowRecord:
+    """A blob saved through the primitives is filed under the keys it was given."""
+    return msgspec.structs.replace(
+        record, workflow_id=workflow_id, orchestration_id=orchestration_id
+    )
+
+
+class SQLiteStateStore(StateStore):
     """The default store: one SQLite file, one exclusive owner, group-committed durable writes.
 
     ``open()`` refuses (with :class:`StateStoreError`, file untouched) a database that another
@@ -147,8 +116,17 @@ class SQLiteStateStore:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str] = "minions.db", *, max_batch: int = 512
+        self,
+        path: str | os.PathLike[str] = "minions.db",
+        *,
+        max_batch: int = 512,
+        db_path: str | os.PathLike[str] | None = None,
+        logger: object = None,
     ) -> None:
+        """``db_path=`` and ``logger=`` are the established spellings (``logger`` is unused:
+        Gru reports store failures)."""
+        if db_path is not None:
+            path = db_path
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.path = Path(os.fspath(path))
@@ -165,7 +143,7 @@ class SQLiteStateStore:
         """Transactions committed so far: with group commit, far fewer than saves."""
         return self._writer.commits if self._writer else self._last_commits
 
-    async def open(self) -> None:
+    async def startup(self) -> None:
         async with self._opening:
             if self._closing is not None:
                 raise StateStoreError(f"state store {self.path} was closed; create a new store")
@@ -179,7 +157,7 @@ class SQLiteStateStore:
             self._writer.start()
 
     async def save(self, record: WorkflowRecord) -> None:
-        _check_record(record)
+        check_record(record)
         await self._submit((record.orchestration_id, record.workflow_id), _astuple(record))
 
     async def delete(self, orchestration_id: str, workflow_id: str) -> None:
@@ -192,6 +170,31 @@ class SQLiteStateStore:
         behind it, so they never see the record again.
         """
         return self._submit((orchestration_id, workflow_id), None)
+
+    async def move(self, record: WorkflowRecord, old_orchestration_id: str) -> None:
+        """Save under the new key and drop the old one, queued together (one commit, usually;
+        a crash between the two leaves both, and adopting again is an idempotent upsert)."""
+        check_record(record)
+        saved = self._submit((record.orchestration_id, record.workflow_id), _astuple(record))
+        dropped = self._submit((old_orchestration_id, record.workflow_id), None)
+        await saved
+        await dropped
+
+    # the interface's primitives, on the records
+
+    async def save_context(self, workflow_id: str, orchestration_id: str, context: bytes) -> None:
+        await self.save(_keyed(decode_record(context), workflow_id, orchestration_id))
+
+    async def delete_context(self, workflow_id: str) -> None:
+        await self._call_in_writer(functools.partial(_sql.delete_workflow, workflow_id))
+
+    async def get_contexts_for_orchestration(
+        self, orchestration_id: str
+    ) -> list[StoredWorkflowContext]:
+        return stored(await self.load(orchestration_id))
+
+    async def get_all_contexts(self) -> list[StoredWorkflowContext]:
+        return stored(await self.list_all())
 
     def _submit(self, key: _sql.Key, row: _sql.Row | None) -> asyncio.Future[None]:
         """Queue one write and return the future the writer settles after its commit.
@@ -222,7 +225,7 @@ class SQLiteStateStore:
                 raise StateStoreError(f"cannot read state database {self.path}: {exc}") from exc
         return [WorkflowRecord(*row) for row in rows]
 
-    async def close(self) -> None:
+    async def shutdown(self) -> None:
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._shut_down())
         if not self._closing.done():  # shielded: a cancelled close() does not abandon the drain
@@ -258,18 +261,6 @@ class SQLiteStateStore:
         self._require_writer().call(fn, future)
         return await future
 
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
 
 def _flushed(_conn: sqlite3.Connection) -> None:
     """A no-op in the writer's queue: once it runs, every write queued before it is committed."""
@@ -282,3 +273,22 @@ def read_workflows(path: str | os.PathLike[str] = "minions.db") -> list[Workflow
     the file. Raises :class:`StateStoreError` if the file is missing, corrupt or newer.
     """
     return [WorkflowRecord(*row) for row in _sql.read_rows(Path(os.fspath(path)))]
+
+
+class NoOpStateStore(StateStore):
+    """Keeps nothing: every save succeeds at once and nothing is ever resumed. The same as
+    ``state_store=None`` for workflows, for code that wants a store object."""
+
+    async def save_context(self, workflow_id: str, orchestration_id: str, context: bytes) -> None:
+        return None
+
+    async def delete_context(self, workflow_id: str) -> None:
+        return None
+
+    async def get_contexts_for_orchestration(
+        self, orchestration_id: str
+    ) -> list[StoredWorkflowContext]:
+        return []
+
+    async def get_all_contexts(self) -> list[StoredWorkflowContext]:
+        return []
