@@ -334,6 +334,7 @@ def test_socket_dirs_of_a_sigkilled_parent_are_swept_at_the_next_start() -> None
         parent.kill()
         parent.wait(timeout=10)
         assert stale.is_dir() and (stale / "owner").exists()  # really left behind
+        assert not list(stale.glob(".owner"))
         foreign = pathlib.Path(base, "minions-not-ours")  # no owner record: never touched
         foreign.mkdir()
 
@@ -418,3 +419,64 @@ def test_circuit_listeners_hear_a_crash_loop_open_and_close() -> None:
             unsubscribe()
 
     run(scenario())
+
+
+def _unshare_pid_works() -> bool:
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        return False
+    probe = [unshare, "--pid", "--fork", "--mount-proc", "true"]
+    return subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
+
+
+@pytest.mark.skipif(not _unshare_pid_works(), reason="needs root and unshare --pid (util-linux)")
+def test_a_live_pool_in_another_pid_namespace_keeps_its_directory() -> None:
+    """Two PID namespaces on one /tmp (containers, a test's own namespace): a pid recorded by
+    one means nothing in the other. Found when a pool as PID 1 of a namespace lost its socket
+    directory to a sweep from outside; the owner's lock is the same fact from everywhere."""
+    base = tempfile.mkdtemp(prefix="mx")
+    script = textwrap.dedent(
+        """
+        import asyncio, os, sys
+        sys.path.insert(0, sys.argv[1])
+        from pools import DemoPool
+
+        async def main():
+            async with DemoPool() as pool:
+                print(os.getpid(), pool._endpoint.directory, flush=True)
+                sys.stdin.readline()
+                print(await pool.call("ping", 7), flush=True)
+
+        asyncio.run(main())
+        """
+    )
+    unshare = shutil.which("unshare")
+    assert unshare is not None
+    other = subprocess.Popen(
+        [unshare, "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable, "-c",
+         script, os.path.dirname(__file__)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "XDG_RUNTIME_DIR": base},
+    )  # fmt: skip
+    try:
+        assert other.stdin is not None and other.stdout is not None
+        pid_inside, directory = other.stdout.readline().split()
+        assert int(pid_inside) < 10  # really another namespace: a pid that means another here
+
+        async def scenario() -> None:
+            os.environ["XDG_RUNTIME_DIR"] = base
+            try:
+                async with DemoPool():  # its start sweeps the shared directory
+                    assert pathlib.Path(directory).is_dir()
+            finally:
+                del os.environ["XDG_RUNTIME_DIR"]
+
+        run(scenario())
+        other.stdin.write("go\n")
+        other.stdin.flush()
+        assert other.stdout.readline().strip() == "7"  # and it still serves
+        assert other.wait(timeout=30) == 0
+    finally:
+        other.kill()
+        other.wait()
+        shutil.rmtree(base, ignore_errors=True)

@@ -5,13 +5,18 @@ Each pool gets its own directory, created with mode 0700 under ``$XDG_RUNTIME_DI
 the socket; the random per-pool token in every worker's hello keeps out other processes of that
 user. The directory also holds the workers' faulthandler crash files and is removed on close.
 
-A Gru killed with SIGKILL cannot remove its directories, so each one records its owner (pid and
-the kernel's start time of that pid, which tells a reused pid apart) and :meth:`Endpoint.create`
-first removes every ``minions-*`` directory of ours whose owner is gone, and only those.
+A Gru killed with SIGKILL cannot remove its directories. So each directory holds an ``owner``
+file that its process keeps locked (``flock``) for as long as the pool lives, and
+:meth:`Endpoint.create` first removes every ``minions-*`` directory of this user whose owner file
+it can lock: the kernel drops a lock the moment its holder dies, whatever the cause, and unlike a
+recorded pid a lock means the same thing from every PID namespace that shares the directory (two
+containers, or a test's own namespace, on one ``/tmp``). Directories without an owner file (not
+ours, or from an older version) are left alone.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import shutil
@@ -21,36 +26,45 @@ from pathlib import Path
 
 # sun_path is 108 bytes on Linux, including "ipc://"-less path and the NUL.
 _MAX_SOCKET_PATH = 100
-_OWNER = "owner"  # "<pid> <starttime>" of the process that created the directory
+_OWNER = "owner"  # locked by the owning process for the directory's whole life
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (field 22 of /proc/pid/stat), ``None`` if gone."""
+def _hold_owner_lock(directory: Path) -> int:
+    """Create ``directory/owner`` already locked (locked under a temporary name, then renamed,
+    so a sweeper never sees it unlocked) and return the descriptor that holds the lock."""
+    fd = os.open(directory / ".owner", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, f"{os.getpid()}\n".encode())  # for a human; the lock is what counts
+    os.rename(directory / ".owner", directory / _OWNER)
+    return fd
+
+
+def _owner_gone(directory: Path) -> bool:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fd = os.open(directory / _OWNER, os.O_RDWR | os.O_CLOEXEC)
     except OSError:
-        return None
-    return stat.rpartition(")")[2].split()[19]  # fields after "(comm)" start at field 3
-
-
-def _owner_stamp() -> str:
-    return f"{os.getpid()} {_start_time(os.getpid())}"
+        return False  # no owner file: not ours to judge
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # its owner lives
+    finally:
+        os.close(fd)
+    return True
 
 
 def sweep_stale(base: str | None) -> list[Path]:
     """Remove the ``minions-*`` directories under ``base`` (or the temp dir) that belong to this
-    user and record an owner process that no longer exists; returns what was removed."""
+    user and whose owner process is gone; returns what was removed."""
     root = Path(base or tempfile.gettempdir())
     removed = []
     for directory in root.glob("minions-*"):
         try:
             if directory.stat().st_uid != os.getuid():
                 continue
-            pid_text, _, started = (directory / _OWNER).read_text().partition(" ")
-            pid = int(pid_text)
-        except (OSError, ValueError):
-            continue  # not one of ours, or from a version without an owner file: leave it
-        if _start_time(pid) != started.strip():
+        except OSError:
+            continue
+        if _owner_gone(directory):
             shutil.rmtree(directory, ignore_errors=True)
             removed.append(directory)
     return removed
@@ -69,6 +83,7 @@ class Endpoint:
 
     directory: Path
     token: str = field(default_factory=lambda: secrets.token_hex(16))
+    _lock_fd: int = -1
 
     @classmethod
     def create(cls, name: str) -> Endpoint:
@@ -82,8 +97,7 @@ class Endpoint:
             sweep_stale(None)
             directory = Path(tempfile.mkdtemp(prefix=f"minions-{safe}-"))
         os.chmod(directory, 0o700)  # mkdtemp already does; state it, umask-proof
-        (directory / _OWNER).write_text(_owner_stamp())
-        return cls(directory)
+        return cls(directory, _lock_fd=_hold_owner_lock(directory))
 
     @property
     def address(self) -> str:
@@ -94,5 +108,8 @@ class Endpoint:
         return self.directory / f"crash-{worker_id}-{generation}.txt"
 
     def remove(self) -> None:
-        """Delete the directory and everything in it (socket, crash files)."""
+        """Delete the directory and everything in it (socket, crash files), then let go of it."""
         shutil.rmtree(self.directory, ignore_errors=True)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
