@@ -34,7 +34,7 @@ def _hold_owner_lock(directory: Path) -> int:
     so a sweeper never sees it unlocked) and return the descriptor that holds the lock."""
     fd = os.open(directory / ".owner", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
-    os.write(fd, f"{os.getpid()}\n".encode())  # for a human; the lock is what counts
+    os.write(fd, f"locked by pid {os.getpid()}\n".encode())  # for a human: the lock counts
     os.rename(directory / ".owner", directory / _OWNER)
     return fd
 
