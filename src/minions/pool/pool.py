@@ -205,6 +205,7 @@ class WorkerPool(Resource):
         try:
             value = await self._submit(method, args, kwargs)
         except WorkerCallError as exc:
+            method = method if method in self._specs else "<unknown>"  # bounded label values
             metrics.WORKER_CALLS.labels(self.name, method, outcome_label(exc)).inc()
             metrics.WORKER_CALL_SECONDS.labels(self.name, method).observe(
                 time.perf_counter() - started
