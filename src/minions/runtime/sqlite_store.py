@@ -7,7 +7,11 @@ Two ideas live here, both about one file on disk:
   inspects an existing file through a *read-only* connection: header, ``user_version`` and
   ``PRAGMA quick_check``. Only a file that passes is opened for writing, so a corrupt file, a
   stranger's database or one from a newer Minions is left byte-identical and reported with a
-  :class:`StateStoreError` that says what to do.
+  :class:`StateStoreError` that says what to do. The judging connection is ``immutable`` unless
+  a write-ahead log is present, so a refusal creates no ``-wal``/``-shm`` beside the file. A new
+  store is created only where no file exists, complete (schema committed) under a temporary name
+  and then renamed into place: an empty file at the path is never one of ours, so it is refused
+  (it may be the real store, truncated) until ``minions init-store`` initialises it on purpose.
 * **Group commit.** :class:`GroupCommitWriter` owns the only writing connection on one thread
   (sqlite3 connections are thread-bound). It takes everything queued (up to ``max_batch``),
   keeps the last write per key, applies the batch in one transaction, pays one fsync
@@ -102,15 +106,20 @@ class OpenDatabase:
         release_lock(self.lock_fd)
 
 
-def open_database(path: Path) -> OpenDatabase:
-    """Lock, validate and (if new or empty) initialise the database; blocking, run in a thread."""
+def open_database(path: Path, *, initialise_empty: bool = False) -> OpenDatabase:
+    """Lock, validate (or create, where no file exists) the database; blocking, run in a thread.
+
+    ``initialise_empty`` is ``minions init-store``: a zero-length file is then replaced by a new
+    store instead of refused.
+    """
     _check_directory(path)
     lock_fd = acquire_lock(path)
     try:
-        if path.exists():
+        if path.exists() and not (initialise_empty and _is_zero_length(path)):
             _validate_existing(path)
         else:
             _check_no_stray_wal(path)
+            _create_new(path)
         writer = _connect_writer(path)
         try:
             reader = connect_read_only(path, check_same_thread=False)
@@ -121,6 +130,15 @@ def open_database(path: Path) -> OpenDatabase:
         release_lock(lock_fd)
         raise
     return OpenDatabase(path, lock_fd, writer, reader)
+
+
+def initialise(path: Path) -> bool:
+    """``minions init-store``: make ``path`` an empty store on purpose; ``False`` if it already
+    is one (left untouched). A missing or zero-length file becomes a new store; anything else
+    that is not a store is refused as :func:`open_database` refuses it."""
+    existed = path.exists() and not _is_zero_length(path)
+    open_database(path, initialise_empty=True).close()
+    return not existed
 
 
 def _check_directory(path: Path) -> None:
@@ -176,16 +194,72 @@ def release_lock(fd: int) -> None:
         os.close(fd)  # closing the last descriptor releases the flock
 
 
-def connect_read_only(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection:
-    """A connection that cannot write the file: used to judge it and for every read."""
-    uri = path.absolute().as_uri() + "?mode=ro"
+def connect_read_only(
+    path: Path, *, check_same_thread: bool = True, immutable: bool = False
+) -> sqlite3.Connection:
+    """A connection that cannot write the file: used to judge it and for every read.
+
+    ``immutable`` also keeps SQLite from creating ``-wal``/``-shm`` for a WAL-mode file; only
+    correct while nobody writes it and no write-ahead log holds content (we judge a file under
+    our lock, before any writer exists).
+    """
+    uri = path.absolute().as_uri() + ("?mode=ro&immutable=1" if immutable else "?mode=ro")
     return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=check_same_thread)
+
+
+def _is_zero_length(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size == 0
+
+
+def _wal_has_content(path: Path) -> bool:
+    wal = path.with_name(path.name + "-wal")
+    return wal.exists() and wal.stat().st_size > 0
+
+
+def _create_new(path: Path) -> None:
+    """Build a complete empty store under a temporary name, then rename it to ``path``.
+
+    Called with the lock held. A crash leaves at worst the temporary file (removed on the next
+    open), never a partial file at ``path``: so an empty file found there is not ours to reuse.
+    """
+    tmp = path.with_name(f".{path.name}.creating")
+    for stale in (tmp, tmp.with_name(tmp.name + "-journal")):
+        stale.unlink(missing_ok=True)
+    try:
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(_CREATE)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        os.replace(tmp, path)
+    except sqlite3.Error as exc:
+        tmp.unlink(missing_ok=True)
+        raise StateStoreError(f"cannot create state database {path}: {exc}") from exc
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)  # the rename is durable before any workflow is acknowledged
+    finally:
+        os.close(dir_fd)
+
+
+def _refuse_empty(path: Path, what: str) -> StateStoreError:
+    return StateStoreError(
+        f"state database {path} is {what}. If it was the real store, its workflows are gone: "
+        "restore it from a backup. Minions creates a store only where no file exists and will "
+        f"not reuse this one by itself; to start with an empty store on purpose, run "
+        f"`minions init-store --db {path}` (or remove the file), then restart"
+    )
 
 
 def _validate_existing(path: Path) -> None:
     """Judge an existing file through a read-only connection; raise rather than touch it."""
+    if _is_zero_length(path):
+        raise _refuse_empty(path, "an empty file (0 bytes)")
     try:
-        conn = connect_read_only(path)
+        conn = connect_read_only(path, immutable=not _wal_has_content(path))
         try:
             version = check_version(conn, path)
             problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
@@ -196,7 +270,8 @@ def _validate_existing(path: Path) -> None:
                     "will not modify it: restore it from a backup, or move it (with its -wal and "
                     "-shm files) aside to start with an empty store, then restart"
                 )
-            check_tables(conn, path, version)
+            if not check_tables(conn, path, version):
+                raise _refuse_empty(path, "a SQLite database without Minions' table")
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
@@ -252,11 +327,8 @@ def _connect_writer(path: Path) -> sqlite3.Connection:
                 "local filesystem"
             )
         conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("BEGIN IMMEDIATE")
         if not check_tables(conn, path, check_version(conn, path)):
-            conn.execute(_CREATE)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        conn.execute("COMMIT")
+            raise _refuse_empty(path, "a SQLite database without Minions' table")
     except BaseException as exc:
         conn.close()
         if isinstance(exc, sqlite3.Error):
@@ -266,14 +338,22 @@ def _connect_writer(path: Path) -> sqlite3.Connection:
 
 
 def read_rows(path: Path, sql: str = SELECT_ALL, params: Iterable[Any] = ()) -> list[Row]:
-    """Read without the lock and without writing: safe next to a live Gru (WAL readers)."""
+    """Read without the lock and without writing: safe next to a live Gru (WAL readers).
+
+    Without a ``-wal`` file no Gru has the store open, and the read is ``immutable`` so it
+    leaves no ``-wal``/``-shm`` behind; a Gru starting meanwhile writes only to its new WAL
+    (the main file changes at a checkpoint, a thousand pages later), so the read stays whole.
+    """
     if not path.is_file():
         raise StateStoreError(f"no state database at {path}; check the path (nothing saved yet?)")
+    if _is_zero_length(path):
+        raise _refuse_empty(path, "an empty file (0 bytes)")
+    wal = path.with_name(path.name + "-wal")
     try:
-        conn = connect_read_only(path)
+        conn = connect_read_only(path, immutable=not wal.exists())
         try:
             if not check_tables(conn, path, check_version(conn, path)):
-                return []
+                raise _refuse_empty(path, "a SQLite database without Minions' table")
             return conn.execute(sql, tuple(params)).fetchall()
         finally:
             conn.close()
