@@ -44,6 +44,10 @@ _CREATE_TOKEN = object()
 _live_gru: Gru | None = None
 
 
+def _exit(code: int) -> None:
+    raise SystemExit(code)
+
+
 class _StartFailed(Exception):
     """Internal: one start phase failed; ``str()`` is the StartResult reason."""
 
@@ -89,6 +93,7 @@ class Gru:
         self._closed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shutdown_result: ShutdownResult | None = None
+        self._closed_waiters = 0  # tasks in wait_closed()/shutdown(): the app will exit itself
 
     # --- creation ----------------------------------------------------------------------------
 
@@ -342,7 +347,7 @@ class Gru:
     async def shutdown(self) -> ShutdownResult:
         """Stop everything in order and close the store; idempotent, safe from any task."""
         if self.state is not GruState.RUNNING:
-            await self._closed.wait()
+            await self.wait_closed()
             assert self._shutdown_result is not None
             return self._shutdown_result
         self.state = GruState.SHUTTING_DOWN
@@ -392,8 +397,16 @@ class Gru:
             _live_gru = None
 
     async def wait_closed(self) -> None:
-        """Return once shutdown has finished (a launcher's ``main`` awaits this, then exits 0)."""
-        await self._closed.wait()
+        """Return once shutdown has finished (a launcher's ``main`` awaits this, then exits 0).
+
+        While any task waits here, a signal-driven shutdown leaves ending the process to the
+        application; see :meth:`handle_term`.
+        """
+        self._closed_waiters += 1
+        try:
+            await self._closed.wait()
+        finally:
+            self._closed_waiters -= 1
 
     def _close_logger(self) -> None:
         if self._default_logger is not None:
@@ -415,10 +428,28 @@ class Gru:
         name = signal.Signals(signum).name
         if self.state is GruState.RUNNING:
             self.logger.info("%s received: shutting down", name, **ids())
-            self._track(self.shutdown())
+            self._track(self._shutdown_then_exit())
         else:
             self.logger.warning("%s received again: cancelling in-flight steps now", name, **ids())
             self._grace_cut.set()
+
+    async def _shutdown_then_exit(self) -> None:
+        """A signal asked the process to stop: once Gru has, end it unless the app waits.
+
+        An app that awaits :meth:`wait_closed` (``minions run``, the README's ``main``) exits on
+        its own. One whose ``main`` does anything else would outlive Gru until systemd's
+        ``TimeoutStopSec`` SIGKILL, so Gru raises ``SystemExit`` on its loop: ``asyncio.run``
+        then cancels the remaining tasks as it does for Ctrl-C (their ``finally`` blocks run)
+        and the process exits 0, a clean stop to systemd (1 if the shutdown reported errors).
+        """
+        result = await self.shutdown()
+        if self._closed_waiters:
+            return
+        code = 0 if result.success else 1
+        self.logger.info("nothing awaits gru.wait_closed(): ending the process (exit %d)", code)
+        # From a plain callback, not this task: SystemExit leaves the loop either way, but a
+        # task would also keep it as an exception nobody retrieves (logged at exit).
+        asyncio.get_running_loop().call_soon(_exit, code)
 
     def _track(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
