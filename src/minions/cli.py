@@ -1,4 +1,6 @@
-"""The ``minions`` command: ``demo``, ``run``, ``workflows`` and ``worker``.
+"""The ``minions`` command: ``demo``, ``run``, ``workflows``, ``worker``, and the operator's
+commands of :mod:`minions.control.commands` (``status``, ``pools``, ``orchestrations``,
+``init-store``).
 
 Design note. Exit codes are part of the contract with systemd: ``0`` a clean run or shutdown,
 ``1`` a failure at run time (the launch function raised, something was lost), ``2`` a
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(commands)
     _add_run(commands)
     _add_workflows(commands)
+    from minions.control.commands import add_commands  # status, pools, orchestrations, init-store
+
+    add_commands(commands)
     commands.add_parser(
         "worker",
         help="serve a WorkerService (spawned by worker pools; not for interactive use)",

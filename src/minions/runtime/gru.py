@@ -37,15 +37,11 @@ from minions.runtime.results import (
     StartResult,
     StopResult,
 )
-from minions.runtime.signals import SignalQueue
+from minions.runtime.signals import SignalQueue, end_process_unless_awaited
 from minions.runtime.state import SQLiteStateStore, StateStore
 
 _CREATE_TOKEN = object()
 _live_gru: Gru | None = None
-
-
-def _exit(code: int) -> None:
-    raise SystemExit(code)
 
 
 class _StartFailed(Exception):
@@ -152,6 +148,7 @@ class Gru:
                 await store.open()
             gru._ops.start()
             gru._install_signal_handlers()
+            gru._ops.serve_control(gru)
         except BaseException:
             await gru._ops.stop()
             _live_gru = None
@@ -434,22 +431,9 @@ class Gru:
             self._grace_cut.set()
 
     async def _shutdown_then_exit(self) -> None:
-        """A signal asked the process to stop: once Gru has, end it unless the app waits.
-
-        An app that awaits :meth:`wait_closed` (``minions run``, the README's ``main``) exits on
-        its own. One whose ``main`` does anything else would outlive Gru until systemd's
-        ``TimeoutStopSec`` SIGKILL, so Gru raises ``SystemExit`` on its loop: ``asyncio.run``
-        then cancels the remaining tasks as it does for Ctrl-C (their ``finally`` blocks run)
-        and the process exits 0, a clean stop to systemd (1 if the shutdown reported errors).
-        """
+        """A signal's shutdown; then the process ends unless the app waits (see signals.py)."""
         result = await self.shutdown()
-        if self._closed_waiters:
-            return
-        code = 0 if result.success else 1
-        self.logger.info("nothing awaits gru.wait_closed(): ending the process (exit %d)", code)
-        # From a plain callback, not this task: SystemExit leaves the loop either way, but a
-        # task would also keep it as an exception nobody retrieves (logged at exit).
-        asyncio.get_running_loop().call_soon(_exit, code)
+        end_process_unless_awaited(result, self._closed_waiters > 0, self.logger)
 
     def _track(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -496,6 +480,11 @@ class Gru:
         """The port ``/metrics`` is bound to (the real one with ``metrics_port=0``); ``None``
         when metrics are off, the port could not be bound, or Gru has shut down."""
         return self._ops.metrics.port if self._ops.metrics is not None else None
+
+    def live_resources(self) -> list[Resource]:
+        """Every running resource instance, in start order (the control endpoint finds pools
+        here for ``minions status`` and ``minions pools restart``)."""
+        return [instance for _, instance, _, _ in self._graph.snapshot()]
 
     @property
     def memory_monitor(self) -> MemoryMonitor:
