@@ -17,7 +17,7 @@ import pytest
 
 from conftest import run
 from minions.errors import StateStoreError
-from minions.runtime.sqlite_store import initialise
+from minions.runtime.sqlite_open import initialise
 from minions.runtime.state import (
     MemoryStateStore,
     SQLiteStateStore,

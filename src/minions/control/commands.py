@@ -234,7 +234,7 @@ def _cmd_orchestrations_stop(ns: argparse.Namespace) -> int:
 
 def _cmd_init_store(ns: argparse.Namespace) -> int:
     from minions.errors import StateStoreError
-    from minions.runtime.sqlite_store import initialise
+    from minions.runtime.sqlite_open import initialise
 
     path = Path(ns.db)
     try:
