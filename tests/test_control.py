@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import stat
@@ -316,3 +317,27 @@ def test_a_live_socket_in_the_runtime_directory_is_never_taken_over(
         run(main())
     finally:
         other.close()
+
+
+def test_a_control_socket_that_cannot_bind_is_one_error_and_gru_runs_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from minions.control import endpoint
+
+    gone = endpoint.Place(tmp_path / "no-such-dir", owned=False)
+    monkeypatch.setattr(endpoint, "choose_place", lambda environ: gone)
+
+    async def main() -> None:
+        gru = await Gru.create(db_path=str(tmp_path / "minions.db"), metrics=False,
+                               logger=logging.getLogger("test.control"))  # fmt: skip
+        try:
+            assert gru.status().state.value == "running"
+            assert not pointer_path(tmp_path / "minions.db").exists()
+        finally:
+            await gru.shutdown()
+
+    with caplog.at_level(logging.ERROR, logger="test.control"):
+        run(main())
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "control endpoint disabled" in errors[0], errors
+    assert str(gone.socket) in errors[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Coroutine
 from typing import Any, Protocol
@@ -136,7 +137,7 @@ class ControlServer:
     def status(self) -> m.Status:
         gru = self.target.status()
         return m.Status(
-            pid=psutil.Process().pid,
+            pid=os.getpid(),
             state=gru.state.value,
             started_at=self._started_at,
             memory_level=gru.memory_level.name,
