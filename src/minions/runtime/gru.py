@@ -397,7 +397,7 @@ class Gru:
         """Return once shutdown has finished (a launcher's ``main`` awaits this, then exits 0).
 
         While any task waits here, a signal-driven shutdown leaves ending the process to the
-        application; see :meth:`handle_term`.
+        application (see :mod:`minions.runtime.signals`).
         """
         self._closed_waiters += 1
         try:
