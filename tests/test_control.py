@@ -51,7 +51,9 @@ async def gru_with_workflows(db: Path, count: int) -> AsyncIterator[tuple[Gru, B
     """A durable Gru whose orchestration has ``count`` workflows in flight, each past its real
     worker call and holding at the bench's gate."""
     b = use_bench()
-    gru = await Gru.create(db_path=str(db), metrics=False, log_file=str(db.with_suffix(".log")))
+    # A short grace: a stop cancels the held workflows (keeping their checkpoints) soon.
+    gru = await Gru.create(db_path=str(db), metrics=False, log_file=str(db.with_suffix(".log")),
+                           grace_period_s=0.5)  # fmt: skip
     try:
         started = await gru.start_orchestration(TickPipeline, TickMinion)
         assert started.success, started.reason
