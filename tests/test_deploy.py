@@ -183,8 +183,9 @@ def test_no_value_carries_a_comment(unit_path: Path) -> None:
 
 def test_template_shards_by_instance_name() -> None:
     t = parse_unit(TEMPLATE)
-    assert one(t, "StateDirectory") == "minions/%i"
-    assert one(t, "RuntimeDirectory") == "minions/%i"
+    # Flat names: the single unit's directories must not contain the replicas' (see the unit).
+    assert one(t, "StateDirectory") == "minions-%i"
+    assert one(t, "RuntimeDirectory") == "minions-%i"
     env = environment(t)
     assert env["MINIONS_METRICS_PORT"] == "%i" and env["MINIONS_SHARD"] == "%i"
     assert "%i" in one(t, "SyslogIdentifier") and "%i" in one(t, "Description", "Unit")

@@ -29,7 +29,7 @@ def families() -> list[Metric]:
 def test_every_metric_is_documented_with_its_type_and_labels() -> None:
     rows = {}
     for line in METRICS_PAGE.read_text().splitlines():
-        m = re.match(r"\| `(minions_\w+)` \| (\w+) \| ([^|]*) \|", line)
+        m = re.match(r"\| `((?:minions|process)_\w+)` \| (\w+) \| ([^|]*) \|", line)
         if m:
             rows[m.group(1)] = (m.group(2), m.group(3))
     declared = set()

@@ -13,17 +13,11 @@ import psutil
 import pytest
 
 from conftest import run
-from minions.ops import cgroup, memory
+from minions.ops import cgroup, metrics, sampling
 from minions.ops.levels import MemoryLevel
-from minions.ops.memory import (
-    Budget,
-    LevelTracker,
-    MemoryMonitor,
-    MemorySample,
-    MemoryThresholds,
-    step_level,
-)
+from minions.ops.memory import MemoryMonitor, MemorySample, MemoryThresholds
 from minions.ops.metrics import REGISTRY
+from minions.ops.thresholds import Budget, LevelTracker, step_level
 
 N, H, C = MemoryLevel.NORMAL, MemoryLevel.HIGH, MemoryLevel.CRITICAL
 MiB = 1 << 20
@@ -289,7 +283,6 @@ def test_real_sampling_of_gru_host_and_workers(tmp_path: Path) -> None:
         unwatch_broken()  # idempotent
         assert set(mon.sample().workers) == {"native"}
         mon.poll()
-        assert REGISTRY.get_sample_value("minions_gru_rss_bytes") > MiB
         assert REGISTRY.get_sample_value("minions_host_memory_used_bytes") > 0
     finally:
         child.stdin.close()
@@ -297,9 +290,11 @@ def test_real_sampling_of_gru_host_and_workers(tmp_path: Path) -> None:
 
 
 def test_refresh_process_metrics_without_a_monitor() -> None:
-    memory.refresh_process_metrics()
-    rss = REGISTRY.get_sample_value("minions_gru_rss_bytes")
-    assert rss is not None and abs(rss - psutil.Process().memory_info().rss) < 0.2 * rss
+    metrics.HOST_MEMORY_USED_BYTES.set(0)
+    sampling.refresh_process_metrics()
+    used = REGISTRY.get_sample_value("minions_host_memory_used_bytes")
+    vm = psutil.virtual_memory()
+    assert used is not None and 0 < used <= vm.total
 
 
 def test_monitor_interval_is_validated() -> None:
@@ -424,3 +419,49 @@ def test_a_raising_subscriber_does_not_stop_the_others(tmp_path: Path) -> None:
     mon.poll()  # back to NORMAL: only the raising subscriber is still there
     assert got == [C]
     assert mon.level is N
+
+
+def test_on_sample_hands_every_poll_its_workers_rss(tmp_path: Path) -> None:
+    """The hook pools use instead of measuring their workers themselves: called on the loop
+    after every sample, with ``workers[name] == {pid: rss}`` of the pool watched as ``name``."""
+    script = "import sys; print('up', flush=True); sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", script],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+
+    async def main() -> list[MemorySample]:
+        mon = MemoryMonitor(interval_s=0.01, proc_cgroup=tmp_path / "none", cgroup_root=tmp_path)
+        mon.watch_workers("native", lambda: [child.pid])
+        got: list[MemorySample] = []
+        enough = asyncio.Event()
+
+        def broken(sample: MemorySample) -> None:
+            raise RuntimeError("hook bug")
+
+        def hook(sample: MemorySample) -> None:
+            got.append(sample)
+            if len(got) == 5:
+                enough.set()
+
+        mon.on_sample(broken)
+        unsubscribe = mon.on_sample(hook)
+        mon.start()  # the first sample is taken at once, then one per interval on the loop
+        await asyncio.wait_for(enough.wait(), 20)
+        unsubscribe()
+        seen = len(got)
+        forced = mon.poll()
+        await mon.stop()
+        assert len(got) == seen, "an unsubscribed hook is not called again"
+        assert forced.workers["native"].keys() == {child.pid}
+        return got
+
+    try:
+        assert child.stdout.readline() == b"up\n"
+        got = run(main())
+    finally:
+        child.stdin.close()
+        child.wait(10)
+    assert len(got) >= 5
+    assert all(s.workers["native"].keys() == {child.pid} for s in got)
+    assert all(s.workers["native"][child.pid] > MiB for s in got)
+    assert [s.taken_at for s in got] == sorted(s.taken_at for s in got)
+    assert len({s.taken_at for s in got}) == len(got), "one call per sample, never twice"

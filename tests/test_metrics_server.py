@@ -37,21 +37,40 @@ def test_scrape_shows_a_counter_incremented_before_it() -> None:
         got = scrape(server.url)
     key = tuple(sorted(labels.items()))
     assert got["minions_worker_crashes_total"][key] == before + 2
-    # Every declared family is exposed, with the minions_ prefix.
+    # Every declared family is exposed, with the minions_ prefix, next to prometheus-client's
+    # own process collector; no `_created` series.
     declared = {m.name for m in metrics.REGISTRY.collect()}
-    assert declared and all(name.startswith("minions_") for name in declared)
+    ours = {name for name in declared if not name.startswith("process_")}
+    assert ours and all(name.startswith("minions_") for name in ours)
     assert "minions_memory_pressure_level" in got
+    assert not [name for name in got if name.endswith("_created")]
+    assert any(
+        name.endswith("_created")
+        for m in metrics.REGISTRY.collect()
+        for name in (s.name for s in m.samples)
+    ), "the filter must have had something to drop"
 
 
-def test_process_gauges_are_refreshed_on_scrape() -> None:
-    metrics.GRU_RSS_BYTES.set(0)
+def test_process_figures_are_fresh_on_scrape() -> None:
+    """Gru's RSS, CPU and start time from prometheus-client's process collector; host memory
+    refreshed by the scrape itself, with no monitor running."""
     metrics.HOST_MEMORY_USED_BYTES.set(0)
     with start_metrics_server(port=0) as server:
         got = scrape(server.url)
-    rss = got["minions_gru_rss_bytes"][()]
-    assert abs(rss - psutil.Process().memory_info().rss) < 0.2 * rss
+    me = psutil.Process()
+    rss = got["process_resident_memory_bytes"][()]
+    assert abs(rss - me.memory_info().rss) < 0.2 * rss
+    assert got["process_cpu_seconds_total"][()] > 0
+    assert abs(got["process_start_time_seconds"][()] - me.create_time()) < 2
     assert got["minions_host_memory_used_bytes"][()] > 0
-    assert got["minions_gru_cpu_seconds"][()] > 0
+
+
+def test_name_filter_still_answers_without_created() -> None:
+    metrics.WORKER_RESTARTS.labels("filter-test").inc()
+    with start_metrics_server(port=0) as server:
+        url = server.url + "?name[]=minions_worker_restarts_total&name[]=process_open_fds"
+        got = scrape(url)
+    assert set(got) == {"minions_worker_restarts_total", "process_open_fds"}
 
 
 def test_a_failing_refresh_still_answers() -> None:
@@ -102,7 +121,7 @@ def test_close_releases_the_port_and_joins_the_thread() -> None:
     again = start_metrics_server(port=port)  # the same port binds again
     try:
         assert again.port == port
-        assert "minions_gru_rss_bytes" in scrape(again.url)
+        assert "process_resident_memory_bytes" in scrape(again.url)
     finally:
         again.close()
 
@@ -116,4 +135,4 @@ def test_ipv6_loopback_when_available() -> None:
         pytest.skip(f"IPv6 loopback not available here: {exc}")
     with server:
         assert server.url == f"http://[::1]:{server.port}/metrics"
-        assert "minions_gru_rss_bytes" in scrape(server.url)
+        assert "process_resident_memory_bytes" in scrape(server.url)

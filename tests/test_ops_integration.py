@@ -120,8 +120,8 @@ def test_metrics_move_with_real_segfaults_and_are_served_over_http() -> None:
             assert value(after, "minions_workers_alive", **pool) == 2
             assert ("minions_memory_pressure_level", frozenset()) in after
             assert value(after, "minions_memory_pressure_level") == 0
-            for gauge in ("minions_gru_rss_bytes", "minions_host_memory_used_bytes",
-                          "minions_gru_cpu_seconds"):  # fmt: skip
+            for gauge in ("process_resident_memory_bytes", "minions_host_memory_used_bytes",
+                          "process_cpu_seconds_total"):  # fmt: skip
                 assert value(after, gauge) > 0, gauge
             (row,) = [r for r in gru.status().resources if r.is_pool]
             assert row.workers_alive == 2

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import run
 from minions.errors import StateStoreError
+from minions.runtime.sqlite_open import initialise
 from minions.runtime.state import (
     MemoryStateStore,
     SQLiteStateStore,
@@ -409,9 +410,11 @@ def test_unusable_database_is_refused_and_left_byte_identical(tmp_path, make, me
             run(SQLiteStateStore(path).open())
         assert str(path) in str(refused.value)
         assert re.search("-wal and -shm files\\) aside|another state path", str(refused.value))
+        assert siblings(path) <= {"minions.db", "minions.db.lock"}, "refusing created files"
     with pytest.raises(StateStoreError):
         read_workflows(path)
     assert snapshot(path) == before
+    assert siblings(path) <= {"minions.db", "minions.db.lock"}, "reading created files"
     # doing what the message says works: the refusal released the lock, a fresh store opens
     for sibling in tmp_path.glob("minions.db*"):
         move_aside(sibling)
@@ -443,16 +446,60 @@ def test_stray_wal_without_its_database_is_refused(tmp_path):
     assert not path.exists() and wal.read_bytes() == wal_bytes
 
 
-def test_empty_file_is_initialised(tmp_path):
+def siblings(path: Path) -> set[str]:
+    return {p.name for p in path.parent.iterdir() if p.name.startswith(path.name)}
+
+
+def test_empty_file_is_refused_naming_the_file_and_the_command(tmp_path):
+    """A truncated store must not silently become a new one: its workflows would be gone."""
     path = tmp_path / "minions.db"
     path.touch()
+    for attempt in (lambda: run(SQLiteStateStore(path).open()), lambda: read_workflows(path)):
+        with pytest.raises(StateStoreError, match=r"empty file \(0 bytes\)") as refused:
+            attempt()
+        assert str(path) in str(refused.value)
+        assert f"minions init-store --db {path}" in str(refused.value)
+    assert path.stat().st_size == 0
+    assert siblings(path) <= {"minions.db", "minions.db.lock"}
+    # Initialising it on purpose, as the message says, gives a working empty store.
+    assert initialise(path) is True
+    assert read_workflows(path) == []
+    assert initialise(path) is False, "a second init leaves the store as it is"
+
+
+def test_sqlite_file_without_our_table_is_refused(tmp_path):
+    path = tmp_path / "minions.db"
+    sqlite3.connect(path).execute("PRAGMA journal_mode=WAL").close()  # header only, no tables
+    assert path.stat().st_size > 0
+    before = snapshot(path)
+    with pytest.raises(StateStoreError, match="without Minions' table"):
+        run(SQLiteStateStore(path).open())
+    assert snapshot(path) == before
+
+
+def test_a_new_store_appears_complete_under_its_name(tmp_path):
+    path = tmp_path / "minions.db"
+    stale = tmp_path / ".minions.db.creating"
+    stale.write_bytes(b"half a database from a crash")
 
     async def main():
         async with SQLiteStateStore(path) as store:
             await store.save(rec("a"))
 
     run(main())
+    assert not stale.exists()
     assert read_workflows(path) == [rec("a")]
+    with sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+def test_initialise_refuses_what_is_not_a_store(tmp_path):
+    path = tmp_path / "minions.db"
+    random_bytes(path)
+    before = snapshot(path)
+    with pytest.raises(StateStoreError, match="not a readable SQLite database"):
+        initialise(path)
+    assert snapshot(path) == before
 
 
 # --- SQLite: across processes -----------------------------------------------------------------

@@ -170,10 +170,11 @@ def test_the_established_names_read_right_for_a_real_run(tmp_path: Path) -> None
                 minion_workflow_persistence_failure_stage="save",
                 minion_workflow_persistence_retryable="true"),
     ]  # fmt: skip
+    wanted = ("minions_host_memory", "process_resident_memory")
     values = {s["series"].split("{")[0]: float(s["values"].split()[0]) for s in series
-              if s["series"].startswith(("minions_host_memory", "minions_gru_rss"))}  # fmt: skip
+              if s["series"].startswith(wanted)}  # fmt: skip
     tests.append(_expect("process_memory_used_percent",
-                         100 * values["minions_gru_rss_bytes"]
+                         100 * values["process_resident_memory_bytes"]
                          / values["minions_host_memory_total_bytes"]))  # fmt: skip
     spec = {
         "rule_files": [str(RULES)],

@@ -215,7 +215,7 @@ def test_unknown_method_names_share_one_metric_label() -> None:
             for sample in family.samples
             if sample.labels.get("pool") == "DemoPool"
         }
-        assert "(unknown)" in methods and not any(m.startswith("nope_") for m in methods)
+        assert "<unknown>" in methods and not any(m.startswith("nope_") for m in methods)
 
     run(scenario())
 

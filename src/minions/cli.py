@@ -1,4 +1,6 @@
-"""The ``minions`` command: ``demo``, ``run``, ``workflows``, ``stamp``, ``doctor``, ``worker``.
+"""The ``minions`` command: ``demo``, ``run``, ``workflows``, ``stamp``, ``doctor``, ``worker``, and
+the operator's commands of :mod:`minions.control.commands` (``status``, ``pools``,
+``orchestrations``, ``init-store``).
 
 Design note. Exit codes are part of the contract with systemd: ``0`` a clean run or shutdown,
 ``1`` a failure at run time (the launch function raised, something was lost), ``2`` a
@@ -91,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(commands)
     _add_workflows(commands)
     stamping.add_commands(commands)  # stamp component-ids, doctor ids
+    from minions.control.commands import add_commands  # status, pools, orchestrations, init-store
+
+    add_commands(commands)
     commands.add_parser(
         "worker",
         help="serve a WorkerService (spawned by worker pools; not for interactive use)",

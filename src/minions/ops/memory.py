@@ -1,4 +1,4 @@
-"""The memory monitor: samples Gru, its workers, the host and the cgroup, and decides a level.
+"""The memory monitor: samples memory on Gru's loop, decides a level, and tells pools and Gru.
 
 Design note. Memory is guarded at two layers. systemd/the kernel enforce ``MemoryHigh`` and
 ``MemoryMax`` on the unit's cgroup: the last safety net, and a blunt one (throttling, then an OOM
@@ -7,25 +7,11 @@ kill). This monitor is the first layer: it sees pressure coming and turns it int
 pause pipelines; CRITICAL: shed new calls and recycle the largest workers) *before* the kernel has
 to.
 
-Up to three measures are compared with their own soft/hard thresholds, and the level is the worst
-of them, because any one of them filling up is enough to hurt:
-
-- ``cgroup``: the cgroup's working set (``memory.current`` minus inactive page cache) against
-  thresholds derived from ``memory.high``/``memory.max`` -- only when a limit exists. This is what
-  the kernel enforces on Gru plus all workers together.
-- ``host``: host memory in use (total minus available) against fractions of host total -- other
-  tenants of the machine can push us into the OOM killer too.
-- ``process``: Gru's RSS plus its workers' RSS against explicit byte thresholds -- only when the
-  user sets them: an application-level budget independent of where it runs.
-
-Each measure keeps its own level with hysteresis (it rises as soon as a threshold is crossed, and
-falls only once the value is below ``threshold * (1 - hysteresis)``), so a value hovering at a
-threshold does not flap. The decision is the pure :func:`step_level`/:class:`LevelTracker`; the
-:class:`MemoryMonitor` only samples, exports and notifies.
-
-The monitor runs on Gru's event loop: one sample reads a handful of small ``/proc`` and cgroup
-files (measured 0.3-0.7 ms on a loaded 2-core VM, plus about 70 us per worker), a fraction of a
-percent of one core at the default half-second interval.
+Three modules, three ideas: :mod:`minions.ops.sampling` measures (Gru, workers, host, cgroup),
+:mod:`minions.ops.thresholds` decides (the pure level policy with hysteresis), and this module
+only schedules the two on the loop and notifies: :meth:`MemoryMonitor.subscribe` once per level
+change, :meth:`MemoryMonitor.on_sample` after every sample. ``MemoryThresholds`` and
+``MemorySample`` are re-exported here, where pools and Gru import them.
 """
 
 from __future__ import annotations
@@ -33,234 +19,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
-import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import psutil
-
 from minions.ops import metrics
-from minions.ops.cgroup import CGROUP_ROOT, PROC_SELF_CGROUP, CgroupMemory, CgroupReader, locate
+from minions.ops.cgroup import CGROUP_ROOT, PROC_SELF_CGROUP
 from minions.ops.levels import MemoryLevel
+from minions.ops.sampling import MemorySample, ProcessProbe, WorkerProbe, export_sample
+from minions.ops.thresholds import LevelTracker, MemoryThresholds
 
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 
-Subscriber = Callable[[MemoryLevel, "MemorySample"], None]
-
-
-@dataclass(frozen=True, slots=True)
-class MemorySample:
-    """One measurement. ``workers`` maps each watched pool to ``{pid: rss}`` of its live workers,
-    which is what a pool needs to pick its largest workers to recycle at CRITICAL."""
-
-    taken_at: float
-    gru_rss: int
-    gru_cpu_seconds: float
-    host_total: int
-    host_available: int
-    cgroup: CgroupMemory | None = None
-    workers: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
-
-    @property
-    def workers_rss(self) -> int:
-        return sum(sum(pids.values()) for pids in self.workers.values())
-
-    @property
-    def process_rss(self) -> int:
-        """Gru plus every watched worker: the footprint the application is responsible for."""
-        return self.gru_rss + self.workers_rss
-
-    @property
-    def host_used(self) -> int:
-        return self.host_total - self.host_available
-
-
-@dataclass(frozen=True, slots=True)
-class Budget:
-    """One measure compared with its thresholds; ``name`` is ``process``, ``cgroup`` or ``host``."""
-
-    name: str
-    used: int
-    soft: int
-    hard: int
-
-
-@dataclass(frozen=True)
-class MemoryThresholds:
-    """When memory is HIGH and CRITICAL. Validated once, here; see the module note for the measures.
-
-    ``soft_bytes``/``hard_bytes`` budget Gru plus its workers (RSS) and are off unless both are
-    set. The cgroup thresholds are fractions of the cgroup's own limits: soft is
-    ``cgroup_soft_fraction`` of ``memory.high`` and hard is ``cgroup_hard_fraction`` of
-    ``memory.max`` (with only ``memory.max``, soft is ``cgroup_soft_fraction`` of hard; with only
-    ``memory.high``, hard is ``memory.high`` itself, where the kernel starts throttling). The host
-    thresholds are fractions of host total memory; set both to ``None`` to ignore the host.
-    """
-
-    soft_bytes: int | None = None
-    hard_bytes: int | None = None
-    cgroup_soft_fraction: float = 0.9
-    cgroup_hard_fraction: float = 0.9
-    host_soft_fraction: float | None = 0.8
-    host_hard_fraction: float | None = 0.9
-    hysteresis: float = 0.05
-
-    def __post_init__(self) -> None:
-        if (self.soft_bytes is None) != (self.hard_bytes is None):
-            raise ValueError("soft_bytes and hard_bytes must be set together (or neither)")
-        soft, hard = self.soft_bytes, self.hard_bytes
-        if soft is not None and hard is not None and not 0 < soft < hard:
-            raise ValueError(f"need 0 < soft_bytes < hard_bytes, got {soft} and {hard}")
-        for name in ("cgroup_soft_fraction", "cgroup_hard_fraction"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
-        host = (self.host_soft_fraction, self.host_hard_fraction)
-        if (host[0] is None) != (host[1] is None):
-            raise ValueError("host_soft_fraction and host_hard_fraction must both be set or None")
-        if host[0] is not None and host[1] is not None and not 0 < host[0] < host[1] <= 1:
-            raise ValueError(f"need 0 < host_soft_fraction < host_hard_fraction <= 1, got {host}")
-        if not 0 <= self.hysteresis < 0.5:
-            raise ValueError(f"hysteresis must be in [0, 0.5), got {self.hysteresis!r}")
-
-    def budgets(self, sample: MemorySample) -> tuple[Budget, ...]:
-        """The measures that apply to this sample, each with its soft and hard threshold."""
-        out: list[Budget] = []
-        if self.soft_bytes is not None and self.hard_bytes is not None:
-            out.append(Budget("process", sample.process_rss, self.soft_bytes, self.hard_bytes))
-        cg = sample.cgroup
-        if cg is not None and cg.limited:
-            soft, hard = self.cgroup_thresholds(cg.high, cg.max)
-            out.append(Budget("cgroup", cg.working_set, soft, hard))
-        if self.host_soft_fraction is not None and self.host_hard_fraction is not None:
-            total = sample.host_total
-            soft, hard = int(total * self.host_soft_fraction), int(total * self.host_hard_fraction)
-            out.append(Budget("host", sample.host_used, soft, hard))
-        return tuple(out)
-
-    def cgroup_thresholds(self, high: int | None, max_: int | None) -> tuple[int, int]:
-        """(soft, hard) in bytes for a cgroup with these limits; at least one must be set."""
-        if max_ is not None:
-            hard = int(max_ * self.cgroup_hard_fraction)
-        elif high is not None:
-            hard = high
-        else:
-            raise ValueError("cgroup has no memory limit")
-        soft = int(high * self.cgroup_soft_fraction) if high is not None else hard
-        if soft >= hard:
-            soft = int(hard * self.cgroup_soft_fraction)
-        return soft, hard
-
-
-def step_level(
-    current: MemoryLevel, used: int, soft: int, hard: int, hysteresis: float
-) -> MemoryLevel:
-    """The next level of one measure: rise at once, fall only below ``threshold*(1-hysteresis)``."""
-    raw = (
-        MemoryLevel.CRITICAL
-        if used >= hard
-        else MemoryLevel.HIGH
-        if used >= soft
-        else MemoryLevel.NORMAL
-    )
-    if raw >= current:
-        return raw
-    level = current
-    if level is MemoryLevel.CRITICAL and used < hard * (1 - hysteresis):
-        level = MemoryLevel.HIGH
-    if level is MemoryLevel.HIGH and used < soft * (1 - hysteresis):
-        level = MemoryLevel.NORMAL
-    return level
-
-
-class LevelTracker:
-    """Levels per measure with hysteresis; the overall level is the worst of them. Pure, no I/O."""
-
-    def __init__(self, hysteresis: float) -> None:
-        self.hysteresis = hysteresis
-        self.level = MemoryLevel.NORMAL
-        self.cause: Budget | None = None
-        self._levels: dict[str, MemoryLevel] = {}
-
-    def update(self, budgets: Iterable[Budget]) -> MemoryLevel | None:
-        """Feed one sample's budgets; returns the new overall level if it changed, else ``None``."""
-        levels: dict[str, MemoryLevel] = {}
-        worst = MemoryLevel.NORMAL
-        cause: Budget | None = None
-        for b in budgets:
-            lvl = step_level(
-                self._levels.get(b.name, MemoryLevel.NORMAL),
-                b.used,
-                b.soft,
-                b.hard,
-                self.hysteresis,
-            )
-            levels[b.name] = lvl
-            if cause is None or lvl > worst or (lvl == worst and _ratio(b) > _ratio(cause)):
-                worst, cause = lvl, b
-        self._levels = levels  # a measure that disappeared (cgroup gone) forgets its level
-        self.cause = cause
-        if worst == self.level:
-            return None
-        self.level = worst
-        return worst
-
-
-def _ratio(b: Budget) -> float:
-    return b.used / b.soft if b.soft else 0.0
-
-
-class ProcessProbe:
-    """Reads this process, the host and the cgroup once; used by the monitor and on scrape.
-
-    Not thread-safe: give each thread its own probe (the metrics server's scrape thread has one).
-    """
-
-    def __init__(
-        self, proc_cgroup: Path = PROC_SELF_CGROUP, cgroup_root: Path = CGROUP_ROOT
-    ) -> None:
-        self._self = psutil.Process()
-        self._cgroup: CgroupReader | None = locate(proc_cgroup, cgroup_root)
-
-    def read(self, workers: Mapping[str, Mapping[int, int]] | None = None) -> MemorySample:
-        # Two plain reads: psutil's oneshot() reads more /proc files than these two need.
-        rss = self._self.memory_info().rss
-        cpu = self._self.cpu_times()
-        vm = psutil.virtual_memory()
-        return MemorySample(
-            taken_at=time.monotonic(),
-            gru_rss=rss,
-            gru_cpu_seconds=cpu.user + cpu.system,
-            host_total=vm.total,
-            host_available=vm.available,
-            cgroup=self._cgroup.read() if self._cgroup is not None else None,
-            workers=workers or {},
-        )
-
-
-def export_sample(sample: MemorySample) -> None:
-    """Set the Gru/host/cgroup gauges from a sample (worker RSS is each pool's own gauge)."""
-    metrics.GRU_RSS_BYTES.set(sample.gru_rss)
-    metrics.GRU_CPU_SECONDS.set(sample.gru_cpu_seconds)
-    metrics.HOST_MEMORY_USED_BYTES.set(sample.host_used)
-    if sample.cgroup is not None:
-        metrics.CGROUP_MEMORY_BYTES.set(sample.cgroup.current)
-
-
-_scrape_lock = threading.Lock()
-_scrape_probe: list[ProcessProbe] = []
-
-
-def refresh_process_metrics() -> None:
-    """Update Gru's process and host gauges now. The metrics server calls this on each scrape (in
-    its own threads) so the numbers are fresh even when no monitor runs (standalone pools)."""
-    with _scrape_lock:
-        if not _scrape_probe:
-            _scrape_probe.append(ProcessProbe())
-        export_sample(_scrape_probe[0].read())
+Subscriber = Callable[[MemoryLevel, MemorySample], None]
+SampleHook = Callable[[MemorySample], None]
 
 
 class MemoryMonitor:
@@ -285,11 +58,11 @@ class MemoryMonitor:
         self.thresholds = thresholds if thresholds is not None else MemoryThresholds()
         self.interval_s = interval_s
         self._probe = ProcessProbe(proc_cgroup, cgroup_root)
+        self._workers = WorkerProbe()
         self._tracker = LevelTracker(self.thresholds.hysteresis)
-        self._sources: dict[str, Callable[[], Iterable[int]]] = {}
-        self._procs: dict[int, psutil.Process] = {}
-        self._broken_sources: set[str] = set()
         self._subscribers: list[Subscriber] = []
+        self._sample_hooks: list[SampleHook] = []
+        self._failing_hooks: set[int] = set()
         self._waiters: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
         self._failing: str | None = None
@@ -317,16 +90,34 @@ class MemoryMonitor:
 
         return unsubscribe
 
+    def on_sample(self, callback: SampleHook) -> Callable[[], None]:
+        """Call ``callback(sample)`` after every poll; returns the unsubscribe function.
+
+        Runs on the monitor's loop once per ``interval_s`` (and on every forced :meth:`poll`),
+        after the level decision, so a pool reading ``sample.workers[name]`` sees the same
+        figures the level was decided on. Keep it cheap; one that raises is logged once (until
+        it succeeds again) and the others still run.
+        """
+        self._sample_hooks.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._sample_hooks:
+                self._sample_hooks.remove(callback)
+
+        return unsubscribe
+
     def watch_workers(self, pool: str, pids: Callable[[], Iterable[int]]) -> Callable[[], None]:
         """Include the RSS of ``pids()`` (asked each sample) under ``pool``; returns the unwatch
-        function. ``minions_worker_rss_bytes`` stays the pool's to export: it measures its
-        workers anyway for ``max_rss_mb``."""
-        if pool in self._sources:
+        function. The figures reach the pool through :meth:`on_sample` (``sample.workers[pool]``
+        is ``{pid: rss}``), so each worker is measured once per interval, here."""
+        sources = self._workers.sources
+        if pool in sources:
             raise ValueError(f"pool {pool!r} is already watched by this memory monitor")
-        self._sources[pool] = pids
+        sources[pool] = pids
 
         def unwatch() -> None:
-            self._sources.pop(pool, None)
+            if sources.get(pool) is pids:
+                del sources[pool]
 
         return unwatch
 
@@ -362,7 +153,7 @@ class MemoryMonitor:
 
     def sample(self) -> MemorySample:
         """Measure now, without deciding a level."""
-        return self._probe.read(self._sample_workers())
+        return self._probe.read(self._workers.read())
 
     def poll(self) -> MemorySample:
         """One tick: measure, export, decide, and notify on a transition. The loop calls this
@@ -374,6 +165,7 @@ class MemoryMonitor:
         new = self._tracker.update(self.thresholds.budgets(sample))
         if new is not None:
             self._announce(previous, new, sample)
+        self._run_sample_hooks(sample)
         return sample
 
     async def _run(self) -> None:
@@ -392,37 +184,17 @@ class MemoryMonitor:
         else:
             self._failing = None
 
-    def _sample_workers(self) -> dict[str, dict[int, int]]:
-        out: dict[str, dict[int, int]] = {}
-        seen: set[int] = set()
-        for pool, source in list(self._sources.items()):
+    def _run_sample_hooks(self, sample: MemorySample) -> None:
+        for callback in list(self._sample_hooks):
+            key = id(callback)
             try:
-                pids = list(source())
+                callback(sample)
             except Exception:
-                if pool not in self._broken_sources:
-                    log.exception("worker pid source of pool %r raised; skipping it", pool)
-                self._broken_sources.add(pool)
-                continue
-            self._broken_sources.discard(pool)
-            out[pool] = {}
-            for pid in pids:
-                rss = self._rss(pid)
-                if rss is not None:
-                    out[pool][pid] = rss
-                    seen.add(pid)
-        for pid in self._procs.keys() - seen:
-            del self._procs[pid]
-        return out
-
-    def _rss(self, pid: int) -> int | None:
-        try:
-            proc = self._procs.get(pid)
-            if proc is None:
-                proc = self._procs[pid] = psutil.Process(pid)
-            return proc.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            self._procs.pop(pid, None)
-            return None  # exited between the pool's list and our read: its pool will reap it
+                if key not in self._failing_hooks:
+                    log.exception("memory sample hook %r raised", callback)
+                self._failing_hooks.add(key)
+            else:
+                self._failing_hooks.discard(key)
 
     def _announce(self, previous: MemoryLevel, new: MemoryLevel, sample: MemorySample) -> None:
         metrics.MEMORY_LEVEL.set(int(new))

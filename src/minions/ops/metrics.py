@@ -7,7 +7,11 @@ are bounded: pool, method, orchestration and outcome names, never call or workfl
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -153,16 +157,6 @@ MEMORY_LEVEL_TRANSITIONS = Counter(
     ["level"],
     registry=REGISTRY,
 )
-GRU_RSS_BYTES = Gauge(
-    "minions_gru_rss_bytes",
-    "Resident memory of the Gru process.",
-    registry=REGISTRY,
-)
-GRU_CPU_SECONDS = Gauge(
-    "minions_gru_cpu_seconds",
-    "CPU time (user+system) used by the Gru process.",
-    registry=REGISTRY,
-)
 HOST_MEMORY_USED_BYTES = Gauge(
     "minions_host_memory_used_bytes",
     "Host memory in use (total minus available).",
@@ -170,9 +164,60 @@ HOST_MEMORY_USED_BYTES = Gauge(
 )
 CGROUP_MEMORY_BYTES = Gauge(
     "minions_cgroup_memory_current_bytes",
-    "memory.current of Gru's cgroup v2, when present.",
+    "Memory usage of Gru's cgroup (v2 memory.current, v1 memory.usage_in_bytes), when present.",
     registry=REGISTRY,
 )
+WATCHDOG_LAST_PING = Gauge(
+    "minions_watchdog_last_ping_timestamp_seconds",
+    "Unix time of Gru's last systemd watchdog ping (absent without WatchdogSec).",
+    registry=REGISTRY,
+)
+EVENT_LOOP_LAG = Gauge(
+    "minions_event_loop_lag_seconds",
+    "How late the watchdog's ping task woke on Gru's event loop, last ping.",
+    registry=REGISTRY,
+)
+
+# Gru's own RSS, CPU time, open fds and start time (process_start_time_seconds: a change is a
+# restart) come from prometheus-client's collector, read from /proc at each scrape.
+PROCESS = ProcessCollector(registry=REGISTRY)
+
+
+class WithoutCreated:
+    """:data:`REGISTRY` as served: every sample but the ``_created`` ones.
+
+    prometheus-client adds a ``<name>_created`` series (a timestamp) to each counter and
+    histogram child. In the text format it is one more series per label set that no dashboard
+    or alert uses, so the endpoint leaves it out. Local to our endpoint: a user's own registry,
+    and prometheus-client's global switch, are untouched.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry = REGISTRY, names: Iterable[str] | None = None
+    ) -> None:
+        self._registry = registry
+        self._names = None if names is None else list(names)
+
+    def collect(self) -> Iterator[Metric]:
+        source = (
+            self._registry
+            if self._names is None
+            else self._registry.restricted_registry(self._names)
+        )
+        for metric in source.collect():
+            kept = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric if len(kept) == len(metric.samples) else _copy(metric, kept)
+
+    def restricted_registry(self, names: Iterable[str]) -> WithoutCreated:
+        """``/metrics?name[]=...``: prometheus-client's app asks the registry for this."""
+        return WithoutCreated(self._registry, names)
+
+
+def _copy(metric: Metric, samples: list[Sample]) -> Metric:
+    out = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+    out.samples = samples
+    return out
+
 
 # --- appended for the upstream metric names (deploy/prometheus/upstream-names.yml) ---------
 STEP_FAILURES = Counter(

@@ -29,8 +29,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from minions.errors import MinionsError
-from minions.ops.memory import refresh_process_metrics
-from minions.ops.metrics import REGISTRY
+from minions.ops.metrics import REGISTRY, WithoutCreated
+from minions.ops.sampling import refresh_process_metrics
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def start_metrics_server(
     """
     if not 0 <= port <= 65535:
         raise ValueError(f"metrics port must be in 0..65535, got {port!r}")
-    app = _with_refresh(make_wsgi_app(registry), refresh)
+    app = _with_refresh(make_wsgi_app(WithoutCreated(registry)), refresh)
 
     class _Server(_ThreadingWSGIServer):
         address_family = _address_family(host, port)
@@ -144,8 +144,10 @@ def start_metrics_server(
         daemon=True,
     )
     thread.start()
+    # No INFO line here: the caller says where it serves, on its own logger (Gru does), so the
+    # journal shows the address once.
     result = MetricsServer(server, thread, host)
-    log.info("serving Prometheus metrics at %s", result.url)
+    log.debug("metrics endpoint bound at %s", result.url)
     return result
 
 

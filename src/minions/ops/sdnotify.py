@@ -21,6 +21,8 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 
+from minions.ops import metrics
+
 log = logging.getLogger(__name__)
 
 _warned: set[str] = set()
@@ -169,9 +171,16 @@ class Watchdog:
             await task
 
     async def _run(self, interval: float) -> None:
+        """Ping, then sleep. How late each wake-up is goes to ``minions_event_loop_lag_seconds``:
+        a lag growing towards the interval is a loop about to miss the watchdog."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
+            metrics.EVENT_LOOP_LAG.set(max(0.0, loop.time() - due))
             if self._is_healthy() and watchdog():
                 self.pings += 1
+                metrics.WATCHDOG_LAST_PING.set_to_current_time()
+            due = loop.time() + interval
             await asyncio.sleep(interval)
 
     def _is_healthy(self) -> bool:

@@ -40,7 +40,7 @@ from minions.resource import Resource
 log = logging.getLogger("minions.pool")
 
 _TICK_S = 0.05
-_UNKNOWN_METHOD = "(unknown)"  # one metric label for every name the service does not expose
+_UNKNOWN_METHOD = "<unknown>"  # one metric label for every name the service does not expose
 _STOP_RESERVE_S = 7.0  # of a shutdown deadline, kept for stopping workers (3 escalation steps)
 
 CircuitListener = Callable[["WorkerPool", Circuit], None]

@@ -48,7 +48,7 @@ from minions.runtime.results import (
     StartResult,
     StopResult,
 )
-from minions.runtime.signals import SignalQueue
+from minions.runtime.signals import SignalQueue, end_process_unless_awaited
 from minions.runtime.snapshot import GruRuntimeStateSnapshot
 from minions.runtime.store_contract import StateStore
 from minions.runtime.telemetry import Metrics, RuntimeMetrics
@@ -92,6 +92,7 @@ class Gru:
         self._closed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shutdown_result: ShutdownResult | None = None
+        self._closed_waiters = 0  # tasks in wait_closed()/shutdown(): the app will exit itself
 
     # --- creation ----------------------------------------------------------------------------
 
@@ -181,6 +182,7 @@ class Gru:
             await gru._ops.start()
             gru._install_signal_handlers()
             gru._reaper.start()
+            gru._ops.serve_control(gru)
         except BaseException:
             await gru._ops.stop()
             _live_gru = None
@@ -275,7 +277,7 @@ class Gru:
     async def shutdown(self) -> ShutdownResult:
         """Stop everything in order and close the store; idempotent, safe from any task."""
         if self.state is not GruState.RUNNING:
-            await self._closed.wait()
+            await self.wait_closed()
             assert self._shutdown_result is not None
             return self._shutdown_result
         self.state = GruState.SHUTTING_DOWN
@@ -328,8 +330,16 @@ class Gru:
             _live_gru = None
 
     async def wait_closed(self) -> None:
-        """Return once shutdown has finished (a launcher's ``main`` awaits this, then exits 0)."""
-        await self._closed.wait()
+        """Return once shutdown has finished (a launcher's ``main`` awaits this, then exits 0).
+
+        While any task waits here, a signal-driven shutdown leaves ending the process to the
+        application (see :mod:`minions.runtime.signals`).
+        """
+        self._closed_waiters += 1
+        try:
+            await self._closed.wait()
+        finally:
+            self._closed_waiters -= 1
 
     async def _close_logger(self) -> None:
         """Deliver what is still queued for the logger, then release it; a failing logger is
@@ -357,10 +367,15 @@ class Gru:
         name = signal.Signals(signum).name
         if self.state is GruState.RUNNING:
             self.logger.info("%s received: shutting down", name, **ids())
-            self._track(self.shutdown())
+            self._track(self._shutdown_then_exit())
         else:
             self.logger.warning("%s received again: cancelling in-flight steps now", name, **ids())
             self._set.grace_cut.set()
+
+    async def _shutdown_then_exit(self) -> None:
+        """A signal's shutdown; then the process ends unless the app waits (see signals.py)."""
+        result = await self.shutdown()
+        end_process_unless_awaited(result, self._closed_waiters > 0, self.logger)
 
     def _track(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -419,6 +434,11 @@ class Gru:
         """The port ``/metrics`` is bound to (the real one with ``metrics_port=0``); ``None``
         when metrics are off, the port could not be bound, or Gru has shut down."""
         return self._ops.metrics_port
+
+    def live_resources(self) -> list[Resource]:
+        """Every running resource instance, in start order (the control endpoint finds pools
+        here for ``minions status`` and ``minions pools restart``)."""
+        return [instance for _, instance, _, _ in self._set.graph.snapshot()]
 
     @property
     def memory_monitor(self) -> MemoryMonitor:

@@ -9,15 +9,17 @@ without doing anything itself:
   same monitor (attached before the pool's ``startup()``, so the pool's workers are measured from
   their first call and no pool runs a monitor of its own);
 - the Prometheus endpoint (a bind failure is one logged error: Gru runs on without it);
+- the control endpoint behind ``minions status`` (:mod:`minions.control`), started once the
+  store is open, so its pointer file beside the database never names a Gru that failed to start;
 - sd_notify: ``READY=1`` when ``Gru.create`` returns, ``STATUS=`` whenever the one-line summary
   changes (orchestration start/stop, a memory level change, and a refresh every
   ``status_interval_s``), ``WATCHDOG=1`` from the event loop for Gru's whole life, ``STOPPING=1``
   as shutdown begins. Every one of them is a cheap no-op without ``$NOTIFY_SOCKET``.
 
 Start order: monitor (a first sample, so pipelines and pools start at the right level), endpoint,
-watchdog, status refresher, ``READY=1``. Stop order (after Gru's resources and store are closed):
-monitor, endpoint, refresher, and the watchdog last, so systemd keeps hearing from a loop that is
-still busy shutting down until the very end.
+watchdog, status refresher, control, ``READY=1``. Stop order (after Gru's resources and store are
+closed): control, monitor, endpoint, refresher, and the watchdog last, so systemd keeps hearing
+from a loop that is still busy shutting down until the very end.
 """
 
 from __future__ import annotations
@@ -26,16 +28,20 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
+import zmq
 
+from minions.control import endpoint as control_endpoint
+from minions.control.server import ControlServer, ControlTarget
 from minions.ops import metrics as declared
 from minions.ops import sdnotify
 from minions.ops.levels import MemoryLevel
 from minions.ops.memory import MemoryMonitor, MemorySample
 from minions.pool.pool import WorkerPool
 from minions.resource import Resource
-from minions.runtime.config import GruConfig
+from minions.runtime.config import DEFAULT, GruConfig
 from minions.runtime.identity import import_path
 from minions.runtime.log import Logger, ids
 from minions.runtime.resource_calls import track_calls
@@ -72,6 +78,8 @@ class Operations:
         self._unsubscribe: Callable[[], None] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._last_status = ""
+        self.control: ControlServer | None = None
+        self._pointer: Path | None = None
 
     @property
     def _prometheus(self) -> PrometheusMetrics | None:
@@ -100,6 +108,27 @@ class Operations:
         self.watchdog.start()
         if sdnotify.enabled():
             self._refresher = asyncio.create_task(self._refresh(), name="minions-gru-status")
+
+    def serve_control(self, target: ControlTarget) -> None:
+        """Serve the control socket; a failure is one logged error and Gru runs on without it.
+        Called by ``Gru.create`` once the store is open and the signal handlers are in."""
+        place = control_endpoint.choose_place(os.environ)
+        server = ControlServer(target, place)
+        try:
+            server.start()
+        except zmq.ZMQError as exc:
+            place.remove()
+            self._logger.error(
+                "control endpoint disabled (minions status will not reach this Gru): cannot "
+                "bind %s: %s", place.socket, exc, **ids(),
+            )  # fmt: skip
+            return
+        self.control = server
+        if self.config.state_store is DEFAULT:
+            pointer = control_endpoint.pointer_path(self.config.db_path)
+            if control_endpoint.write_pointer(pointer, place):
+                self._pointer = pointer
+        self._logger.info("control endpoint at %s", place.socket, **ids())
 
     def ready(self) -> None:
         """``READY=1`` with the first ``STATUS=``: ``systemctl start`` returns now."""
@@ -164,6 +193,11 @@ class Operations:
     async def stop(self) -> dict[str, str]:
         """Stop in the module note's order; idempotent. Errors are logged and returned."""
         errors: dict[str, str] = {}
+        control, self.control = self.control, None
+        if control is not None:
+            if self._pointer is not None:
+                control_endpoint.remove_pointer(self._pointer, control.place)
+            await control.stop()
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None

@@ -1,19 +1,11 @@
-"""The SQLite mechanics behind :class:`minions.runtime.state.SQLiteStateStore`.
+"""Group commit for :class:`minions.runtime.state.SQLiteStateStore`.
 
-Two ideas live here, both about one file on disk:
-
-* **Refuse, never repair.** :func:`open_database` takes an exclusive ``flock`` on the sidecar
-  ``<db>.lock`` (held for the store's lifetime; the kernel drops it if the holder dies), then
-  inspects an existing file through a *read-only* connection: header, ``user_version`` and
-  ``PRAGMA quick_check``. Only a file that passes is opened for writing, so a corrupt file, a
-  stranger's database or one from a newer Minions is left byte-identical and reported with a
-  :class:`StateStoreError` that says what to do.
-* **Group commit.** :class:`GroupCommitWriter` owns the only writing connection on one thread
-  (sqlite3 connections are thread-bound). It takes everything queued (up to ``max_batch``),
-  keeps the last write per key, applies the batch in one transaction, pays one fsync
-  (``synchronous=FULL`` in WAL mode syncs the WAL on every commit) and then settles every
-  waiting asyncio future. A thousand concurrent workflows cost a handful of fsyncs, not a
-  thousand.
+:class:`GroupCommitWriter` owns the only writing connection on one thread (sqlite3 connections
+are thread-bound). It takes everything queued (up to ``max_batch``), keeps the last write per key,
+applies the batch in one transaction, pays one fsync (``synchronous=FULL`` in WAL mode syncs the
+WAL on every commit) and then settles every waiting asyncio future. A thousand concurrent
+workflows cost a handful of fsyncs, not a thousand. Opening (and refusing) the file is
+:mod:`minions.runtime.sqlite_open`'s.
 
 Rows cross this module as plain tuples in column order; the record type belongs to ``state``.
 """
@@ -22,34 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import itertools
-import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from minions.errors import StateStoreError
+from minions.runtime.sqlite_open import COLUMNS, TABLE, Row
 
-SCHEMA_VERSION = 1
-TABLE = "workflows"
-COLUMNS = "orchestration_id, workflow_id, event, context, step_index, created_at, updated_at"
-_CREATE = f"""
-CREATE TABLE {TABLE} (
-    orchestration_id TEXT NOT NULL,
-    workflow_id      TEXT NOT NULL,
-    event            BLOB NOT NULL,
-    context          BLOB NOT NULL,
-    step_index       INTEGER NOT NULL,
-    created_at       REAL NOT NULL,
-    updated_at       REAL NOT NULL,
-    PRIMARY KEY (orchestration_id, workflow_id)
-)"""
 # Statement sizes (rows) a batch is padded up to; see _upserts. Roughly x1.5 apart, so padding
 # adds at most half and SQLite's statement cache holds every shape.
 _SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -74,211 +51,7 @@ def _delete_sql(rows: int) -> str:
     return f"DELETE FROM {TABLE} WHERE orchestration_id = ? AND workflow_id IN ({ids})"
 
 
-SELECT_ORCHESTRATION = (
-    f"SELECT {COLUMNS} FROM {TABLE} WHERE orchestration_id = ? ORDER BY created_at, rowid"
-)
-SELECT_ALL = f"SELECT {COLUMNS} FROM {TABLE} ORDER BY created_at, rowid"
-
 Key = tuple[str, str]
-Row = tuple[str, str, bytes, bytes, int, float, float]
-
-
-# --- opening safely ---------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class OpenDatabase:
-    """Everything a live store holds on to: the lock and its two connections."""
-
-    path: Path
-    lock_fd: int
-    writer: sqlite3.Connection
-    reader: sqlite3.Connection
-
-    def close(self) -> None:
-        """Close the reader first so the writer is the last connection and checkpoints the WAL."""
-        self.reader.close()
-        self.writer.close()
-        release_lock(self.lock_fd)
-
-
-def open_database(path: Path) -> OpenDatabase:
-    """Lock, validate and (if new or empty) initialise the database; blocking, run in a thread."""
-    _check_directory(path)
-    lock_fd = acquire_lock(path)
-    try:
-        if path.exists():
-            _validate_existing(path)
-        else:
-            _check_no_stray_wal(path)
-        writer = _connect_writer(path)
-        try:
-            reader = connect_read_only(path, check_same_thread=False)
-        except BaseException:
-            writer.close()
-            raise
-    except BaseException:
-        release_lock(lock_fd)
-        raise
-    return OpenDatabase(path, lock_fd, writer, reader)
-
-
-def _check_directory(path: Path) -> None:
-    if not path.parent.is_dir():
-        raise StateStoreError(
-            f"cannot open state database {path}: directory {path.parent} does not exist; "
-            "create it or pass another state path"
-        )
-
-
-def _check_no_stray_wal(path: Path) -> None:
-    """A WAL whose database is gone would be replayed into the new file: refuse instead."""
-    wal = path.with_name(path.name + "-wal")
-    if wal.exists() and wal.stat().st_size > 0:
-        raise StateStoreError(
-            f"state database {path} is missing but its write-ahead log {wal} is not; restore "
-            f"the database next to it, or move {wal} aside to start with an empty store"
-        )
-
-
-def lock_path(path: Path) -> Path:
-    """The sidecar lock file; never the database itself, so locking cannot touch its bytes."""
-    return path.with_name(path.name + ".lock")
-
-
-def acquire_lock(path: Path) -> int:
-    """Take the exclusive per-database lock without waiting, recording our pid in it."""
-    lock = lock_path(path)
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise StateStoreError(f"cannot create lock file {lock} for {path}: {exc}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StateStoreError(
-            f"state database {path} is in use by another Gru (pid {holder}, holding {lock}); "
-            "stop that process or give this one a different state path: two Grus must never "
-            "share one state file"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def release_lock(fd: int) -> None:
-    """Forget our pid and drop the lock; the file stays (unlinking a lock file races)."""
-    try:
-        os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)  # closing the last descriptor releases the flock
-
-
-def connect_read_only(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection:
-    """A connection that cannot write the file: used to judge it and for every read."""
-    uri = path.absolute().as_uri() + "?mode=ro"
-    return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=check_same_thread)
-
-
-def _validate_existing(path: Path) -> None:
-    """Judge an existing file through a read-only connection; raise rather than touch it."""
-    try:
-        conn = connect_read_only(path)
-        try:
-            version = check_version(conn, path)
-            problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
-            if problems != ["ok"]:
-                found = "; ".join(problems).replace("\n", "; ")
-                raise StateStoreError(
-                    f"state database {path} is corrupt (PRAGMA quick_check: {found}). Minions "
-                    "will not modify it: restore it from a backup, or move it (with its -wal and "
-                    "-shm files) aside to start with an empty store, then restart"
-                )
-            check_tables(conn, path, version)
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError as exc:
-        raise _unreadable(path, exc) from exc
-
-
-def check_version(conn: sqlite3.Connection, path: Path) -> int:
-    """``PRAGMA user_version``, refusing a schema written by a newer Minions."""
-    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if version > SCHEMA_VERSION:
-        raise StateStoreError(
-            f"state database {path} has schema version {version}, newer than this Minions "
-            f"understands ({SCHEMA_VERSION}). Upgrade Minions to resume its workflows, or move "
-            "it (with its -wal and -shm files) aside to start with an empty store; it was left "
-            "untouched"
-        )
-    return version
-
-
-def check_tables(conn: sqlite3.Connection, path: Path, version: int) -> bool:
-    """True if our table exists; an empty file is fine, anyone else's database is refused."""
-    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if version == 0 and not tables:
-        return False
-    if version == SCHEMA_VERSION and TABLE in tables:
-        return True
-    raise StateStoreError(
-        f"{path} is a SQLite database but not a Minions state store (user_version {version}, "
-        f"tables {sorted(tables)}). Minions will not modify it: pass another state path"
-    )
-
-
-def _unreadable(path: Path, exc: sqlite3.Error) -> StateStoreError:
-    return StateStoreError(
-        f"state database {path} is not a readable SQLite database "
-        f"({getattr(exc, 'sqlite_errorname', type(exc).__name__)}: {exc}). Minions will not "
-        "overwrite it: restore it from a backup, or move it (with its -wal and -shm files) "
-        "aside to start with an empty store, then restart"
-    )
-
-
-def _connect_writer(path: Path) -> sqlite3.Connection:
-    """The one writing connection: WAL, fsync on every commit, schema created if absent."""
-    try:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
-    except sqlite3.Error as exc:
-        raise _unreadable(path, exc) from exc
-    try:
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StateStoreError(
-                f"state database {path} cannot use WAL journaling (got {mode!r}); put it on a "
-                "local filesystem"
-            )
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("BEGIN IMMEDIATE")
-        if not check_tables(conn, path, check_version(conn, path)):
-            conn.execute(_CREATE)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException as exc:
-        conn.close()
-        if isinstance(exc, sqlite3.Error):
-            raise _unreadable(path, exc) from exc
-        raise
-    return conn
-
-
-def read_rows(path: Path, sql: str = SELECT_ALL, params: Iterable[Any] = ()) -> list[Row]:
-    """Read without the lock and without writing: safe next to a live Gru (WAL readers)."""
-    if not path.is_file():
-        raise StateStoreError(f"no state database at {path}; check the path (nothing saved yet?)")
-    try:
-        conn = connect_read_only(path)
-        try:
-            if not check_tables(conn, path, check_version(conn, path)):
-                return []
-            return conn.execute(sql, tuple(params)).fetchall()
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError as exc:
-        raise _unreadable(path, exc) from exc
 
 
 def delete_workflow(workflow_id: str, conn: sqlite3.Connection) -> None:

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from minions.errors import StateStoreError
+from minions.runtime import sqlite_open as _open
 from minions.runtime import sqlite_store as _sql
 from minions.runtime.store_contract import (
     StateStore,
@@ -131,7 +132,7 @@ class SQLiteStateStore(StateStore):
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.path = Path(os.fspath(path))
         self._max_batch = max_batch
-        self._db: _sql.OpenDatabase | None = None
+        self._db: _open.OpenDatabase | None = None
         self._writer: _sql.GroupCommitWriter | None = None
         self._read_lock = threading.Lock()  # the read connection is shared by to_thread workers
         self._opening = asyncio.Lock()  # binds to a loop only if two open() calls overlap
@@ -149,7 +150,7 @@ class SQLiteStateStore(StateStore):
                 raise StateStoreError(f"state store {self.path} was closed; create a new store")
             if self._writer is not None:
                 return
-            db = await asyncio.to_thread(_sql.open_database, self.path)
+            db = await asyncio.to_thread(_open.open_database, self.path)
             self._db = db
             self._writer = _sql.GroupCommitWriter(
                 db.writer, self.path, self._max_batch, asyncio.get_running_loop()
@@ -196,7 +197,7 @@ class SQLiteStateStore(StateStore):
     async def get_all_contexts(self) -> list[StoredWorkflowContext]:
         return stored(await self.list_all())
 
-    def _submit(self, key: _sql.Key, row: _sql.Row | None) -> asyncio.Future[None]:
+    def _submit(self, key: _sql.Key, row: _open.Row | None) -> asyncio.Future[None]:
         """Queue one write and return the future the writer settles after its commit.
 
         A plain function, not a coroutine: every suspended checkpoint keeps its coroutine
@@ -209,11 +210,11 @@ class SQLiteStateStore(StateStore):
 
     async def load(self, orchestration_id: str) -> list[WorkflowRecord]:
         await self._call_in_writer(_flushed)
-        return await asyncio.to_thread(self._read, _sql.SELECT_ORCHESTRATION, (orchestration_id,))
+        return await asyncio.to_thread(self._read, _open.SELECT_ORCHESTRATION, (orchestration_id,))
 
     async def list_all(self) -> list[WorkflowRecord]:
         await self._call_in_writer(_flushed)
-        return await asyncio.to_thread(self._read, _sql.SELECT_ALL, ())
+        return await asyncio.to_thread(self._read, _open.SELECT_ALL, ())
 
     def _read(self, sql: str, params: tuple[Any, ...]) -> list[WorkflowRecord]:
         with self._read_lock:
@@ -272,7 +273,7 @@ def read_workflows(path: str | os.PathLike[str] = "minions.db") -> list[Workflow
     Synchronous and read-only: takes no lock and writes nothing, so it works while a Gru owns
     the file. Raises :class:`StateStoreError` if the file is missing, corrupt or newer.
     """
-    return [WorkflowRecord(*row) for row in _sql.read_rows(Path(os.fspath(path)))]
+    return [WorkflowRecord(*row) for row in _open.read_rows(Path(os.fspath(path)))]
 
 
 class NoOpStateStore(StateStore):
