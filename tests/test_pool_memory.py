@@ -4,11 +4,12 @@ throttles, sheds, recycles the bloated worker and recovers by itself."""
 from __future__ import annotations
 
 import asyncio
+import types
 
 import psutil
 import pytest
 
-from conftest import run
+from conftest import eventually, run
 from minions.errors import Overloaded
 from minions.ops.memory import MemoryThresholds
 from minions.workers import MemoryLevel, PoolConfig, WorkerPool
@@ -63,3 +64,39 @@ def test_leak_drives_levels_up_and_the_pool_recovers() -> None:
             assert await pool.call("leak", 0) == 0
 
     run(scenario(), timeout=55)
+
+
+def test_a_pool_that_follows_a_monitor_never_measures_its_workers_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Worker memory is measured once, by the monitor's sample; the pool recycles from it."""
+    from minions.pool import supervisor
+
+    measured_by_pool: list[int] = []
+
+    def spy(pid: int) -> psutil.Process:
+        measured_by_pool.append(pid)
+        return psutil.Process(pid)
+
+    # only the pool's own reference to psutil is watched; the monitor measures as usual
+    monkeypatch.setattr(
+        supervisor, "psutil", types.SimpleNamespace(Process=spy, Error=psutil.Error)
+    )
+    memory = MemoryThresholds(
+        soft_bytes=2**40, hard_bytes=2**41, host_soft_fraction=None, host_hard_fraction=None
+    )
+
+    class Watched(Leaky):
+        max_rss_mb = 80
+        rss_check_s = 0.05
+
+    async def scenario() -> None:
+        async with Watched(PoolConfig.from_class(Watched, memory=memory)) as pool:
+            first = await pool.call("pid")
+            assert await pool.call("leak", 100) == 100
+            assert await pool._wait_until(lambda: first not in pool.worker_pids(), 10)
+            assert await pool.call("pid") != first  # recycled on the monitor's figures
+            await eventually(lambda: pool.snapshot().workers[0].rss_bytes > 0)  # status rows too
+        assert measured_by_pool == []
+
+    run(scenario(), timeout=30)

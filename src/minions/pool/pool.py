@@ -81,7 +81,11 @@ class WorkerPool(Resource):
         self._dispatcher = Dispatcher(self.config, self.name, self._send, self)
         self._supervisor = Supervisor(self.config, self.name, self, self._send)
         self._pressure = MemoryPressure(
-            self.config, self.name, self._supervisor.pids, self.apply_memory_level
+            self.config,
+            self.name,
+            self._supervisor.pids,
+            self.apply_memory_level,
+            self._supervisor.measured,
         )
         self._labels = {
             "alive": metrics.WORKERS_ALIVE.labels(self.name),
@@ -122,6 +126,7 @@ class WorkerPool(Resource):
             raise
         self._state = PoolState.RUNNING
         self._pressure.hook()
+        self._supervisor.measures_rss = not self._pressure.measures_workers
         self._task = asyncio.create_task(self._tick_loop(), name=f"minions-pool-{self.name}")
         log.info(
             "pool %s: started %d workers of %s", self.name, self.config.workers, self.config.service

@@ -2,14 +2,15 @@
 
 A pool under Gru follows Gru's shared :class:`~minions.ops.memory.MemoryMonitor`; a standalone
 pool with ``memory = MemoryThresholds(...)`` runs its own. Either way the monitor measures the
-pool's workers (``pids()``) and ``on_level`` runs once per level change; what a level allows is
+pool's workers (``pids()``) once per sample and hands the figures to ``on_rss`` (so the pool
+never measures them again), and ``on_level`` runs once per level change; what a level allows is
 the pure :func:`throttle`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from minions.ops.levels import MemoryLevel
 from minions.ops.memory import MemoryMonitor, MemorySample
@@ -38,12 +39,14 @@ class MemoryPressure:
         name: str,
         pids: Callable[[], list[int]],
         on_level: Callable[[MemoryLevel], None],
+        on_rss: Callable[[Mapping[int, int]], None],
     ) -> None:
         self.config = config
         self.name = name
         self.level = MemoryLevel.NORMAL
         self._pids = pids
         self._on_level = on_level
+        self._on_rss = on_rss
         self._monitor: MemoryMonitor | None = None
         self._owned = False
         self._undo: list[Callable[[], None]] = []
@@ -63,18 +66,30 @@ class MemoryPressure:
         monitor = self._monitor
         if monitor is None:
             return
+        key = self.name
         try:
-            unwatch = monitor.watch_workers(self.name, self._pids)
+            unwatch = monitor.watch_workers(key, self._pids)
         except ValueError:  # two pools of one name on one monitor
-            unwatch = monitor.watch_workers(f"{self.name}#{id(self):x}", self._pids)
+            key = f"{self.name}#{id(self):x}"
+            unwatch = monitor.watch_workers(key, self._pids)
 
-        def follow(level: MemoryLevel, _sample: MemorySample) -> None:
+        def follow(level: MemoryLevel, sample: MemorySample) -> None:
+            self._on_rss(sample.workers.get(key, {}))  # the figures this level was decided on
             self._on_level(level)
 
-        self._undo = [unwatch, monitor.subscribe(follow)]
+        def measured(sample: MemorySample) -> None:
+            self._on_rss(sample.workers.get(key, {}))
+
+        self._undo = [unwatch, monitor.subscribe(follow), monitor.on_sample(measured)]
         if self._owned:
             monitor.start()
         self._on_level(monitor.level)
+
+    @property
+    def measures_workers(self) -> bool:
+        """Whether a monitor measures this pool's workers (else the pool does, for
+        ``max_rss_mb``)."""
+        return self._monitor is not None
 
     async def unhook(self) -> None:
         for undo in self._undo:

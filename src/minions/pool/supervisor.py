@@ -19,7 +19,7 @@ import logging
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Protocol
 
 import psutil
@@ -73,6 +73,7 @@ class Supervisor:
         self._backoff = Backoff(config.restart_backoff_initial_s, config.restart_backoff_max_s)
         self.breaker = CircuitBreaker(config.circuit_reset_s, config.circuit_reset_max_s)
         self.restarts = 0  # unplanned deaths, since the pool started
+        self.measures_rss = True  # False while a memory monitor measures the workers for us
         self._endpoint: Endpoint | None = None
         self._methods: tuple[str, ...] = ()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -271,23 +272,34 @@ class Supervisor:
         return False
 
     def recycle_bloated(self, now: float, force: bool = False) -> None:
-        """Measure workers' RSS (psutil) and retire those above ``max_rss_mb``."""
-        if not force and now < self._next_rss_check:
+        """Retire workers above ``max_rss_mb``. Without a memory monitor the pool measures them
+        itself (psutil, every ``rss_check_s``); with one, :meth:`measured` does this check."""
+        if not self.measures_rss or (not force and now < self._next_rss_check):
             return
         self._next_rss_check = now + self.cfg.rss_check_s
+        rss: dict[int, int] = {}
+        for worker in self._workers.values():
+            if worker.phase is Phase.READY:
+                try:
+                    rss[worker.pid] = psutil.Process(worker.pid).memory_info().rss
+                except psutil.Error:
+                    continue
+        self.measured(rss)
+
+    def measured(self, rss: Mapping[int, int]) -> None:
+        """Workers' RSS by pid, measured once (by the memory monitor's sample, or by
+        :meth:`recycle_bloated`): note it, and retire those above ``max_rss_mb``."""
         limit = self.cfg.max_rss_mb * 2**20
         for worker in list(self._workers.values()):
-            if worker.phase is not Phase.READY:
+            if worker.pid not in rss:
                 continue
-            try:
-                worker.rss_bytes = psutil.Process(worker.pid).memory_info().rss
-            except psutil.Error:
-                continue
-            if limit and worker.rss_bytes > limit:
+            worker.rss_bytes = rss[worker.pid]
+            if limit and worker.phase is Phase.READY and worker.rss_bytes > limit:
                 self.retire(worker, "rss")
 
     def relieve_memory(self, level: MemoryLevel) -> None:
-        """Memory pressure rose: recycle workers over their own limit, at CRITICAL the largest."""
+        """Memory pressure rose: recycle workers over their own limit (as of the sample that
+        raised the level), and at CRITICAL the largest."""
         self.recycle_bloated(time.monotonic(), force=True)
         if level is MemoryLevel.CRITICAL:
             ready = [w for w in self._workers.values() if w.phase is Phase.READY]
