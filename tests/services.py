@@ -103,3 +103,19 @@ class Drifted(WorkerService):
         @expose
         def added_by_a_later_deploy(self) -> None:
             return None
+
+
+class Stubborn(WorkerService):
+    """A call that ignores SIGTERM (as some native libraries do): only SIGKILL ends it."""
+
+    @expose
+    def hold(self, seconds: float) -> None:
+        import signal
+        import time
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(seconds)
+
+    @expose
+    def ping(self, x: int) -> int:
+        return x

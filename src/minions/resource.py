@@ -8,12 +8,18 @@ Under Gru, every public ``async def`` method of a resource is timed and counted
 (``minions_resource_calls_total``, ``minions_resource_call_duration_seconds``); mark one
 ``@Resource.untracked`` to leave it out (a method called in a tight loop, say). Worker pools keep
 their own, richer call metrics and are not wrapped.
+
+When Gru stops, it gives the whole stop one monotonic deadline (``stop_timeout_s``) and stops
+independent resources concurrently; a resource whose ``shutdown()`` may take long reads
+:func:`stop_deadline` and keeps to it (worker pools do).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Self, TypeVar, overload
 
@@ -22,6 +28,24 @@ from minions._tasks import TaskOwner
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 UNTRACKED = "__minions_untracked__"
+
+_stop_by: ContextVar[float | None] = ContextVar("minions_stop_by", default=None)
+
+
+def stop_deadline() -> float | None:
+    """The ``time.monotonic()`` by which a resource's ``shutdown()`` must be done while Gru
+    stops under its one budget; ``None`` outside such a stop (a standalone ``async with``)."""
+    return _stop_by.get()
+
+
+@contextlib.contextmanager
+def stopping_by(deadline: float) -> Iterator[None]:
+    """Within this block (and the tasks it creates), :func:`stop_deadline` is ``deadline``."""
+    token = _stop_by.set(deadline)
+    try:
+        yield
+    finally:
+        _stop_by.reset(token)
 
 
 class Resource(TaskOwner):

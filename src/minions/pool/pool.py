@@ -35,7 +35,7 @@ from minions.pool.pressure import MemoryPressure, throttle
 from minions.pool.process import Phase, WorkerProcess
 from minions.pool.states import Circuit, PoolSnapshot, PoolState, outcome_label
 from minions.pool.supervisor import Supervisor
-from minions.resource import Resource
+from minions.resource import Resource, stop_deadline
 
 log = logging.getLogger("minions.pool")
 
@@ -162,13 +162,15 @@ class WorkerPool(Resource):
         """Stop accepting calls, let calls whose callers still wait finish within
         ``shutdown_grace_s``, then stop workers politely, then SIGTERM, then SIGKILL.
 
-        ``deadline`` (``time.monotonic()``) bounds the whole of it: Gru passes one budget to
-        all its pools, which stop concurrently."""
+        ``deadline`` (``time.monotonic()``) bounds the whole of it; under Gru it is Gru's one
+        stop deadline (:func:`minions.resource.stop_deadline`), and pools stop concurrently."""
         if self._state in (PoolState.NEW, PoolState.CLOSING, PoolState.CLOSED):
             self._state = PoolState.CLOSED if self._state is PoolState.NEW else self._state
             return
         self._state = PoolState.CLOSING
         now = time.monotonic()
+        if deadline is None:
+            deadline = stop_deadline()
         if deadline is None:
             deadline = now + self.config.shutdown_grace_s + _STOP_RESERVE_S
         reserve = min(_STOP_RESERVE_S, (deadline - now) / 2)

@@ -98,6 +98,7 @@ class GruConfig:
     memory_interval_s: float = 0.5
     max_in_flight: int = 64
     grace_period_s: float = 10.0
+    stop_timeout_s: float = 40.0
     handle_signals: bool = True
     pipeline_retry_s: tuple[float, float] = (0.1, 30.0)
     status_interval_s: float = 5.0
@@ -144,6 +145,8 @@ class GruConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         check_max_in_flight(self.max_in_flight)
         _check_seconds("grace_period_s", self.grace_period_s)
+        if _check_seconds("stop_timeout_s", self.stop_timeout_s) == 0:
+            raise ValueError("stop_timeout_s must be > 0 (keep it under systemd's TimeoutStopSec)")
         first, cap = _check_pair("pipeline_retry_s", self.pipeline_retry_s)
         if first <= 0 or cap < first:
             raise ValueError("pipeline_retry_s must be (initial > 0, maximum >= initial)")

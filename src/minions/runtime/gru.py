@@ -17,6 +17,7 @@ import atexit
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Self
 
@@ -25,7 +26,8 @@ from minions.errors import GruError
 from minions.ops.levels import MemoryLevel
 from minions.ops.memory import MemoryMonitor, MemoryThresholds
 from minions.ops.reaper import OrphanReaper
-from minions.resource import Resource
+from minions.pool.pool import WorkerPool
+from minions.resource import Resource, stopping_by
 from minions.runtime import assembly
 from minions.runtime.composition import CompositionError, compose
 from minions.runtime.config import (
@@ -36,6 +38,7 @@ from minions.runtime.config import (
     metrics_address,
 )
 from minions.runtime.console import Failures, abandoned_message
+from minions.runtime.crash_loops import CrashLoops
 from minions.runtime.identity import import_path
 from minions.runtime.lifecycle import OrchestrationSet, StartFailed
 from minions.runtime.log import WARNING, FileLogger, Logger, ids
@@ -93,6 +96,10 @@ class Gru:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shutdown_result: ShutdownResult | None = None
         self._closed_waiters = 0  # tasks in wait_closed()/shutdown(): the app will exit itself
+        self._escalations: dict[str, str] = {}  # pools whose crash loop stops Gru (a failure)
+        self._crash_loops = CrashLoops(
+            self._failures, self._metrics, self._escalate, self._ops.update_status
+        )
 
     # --- creation ----------------------------------------------------------------------------
 
@@ -119,6 +126,7 @@ class Gru:
         memory_interval_s: float = 0.5,
         max_in_flight: int = 64,
         grace_period_s: float = 10.0,
+        stop_timeout_s: float = 40.0,
         handle_signals: bool = True,
     ) -> Self:
         """Open the state store, start operations, and return the process's single running Gru.
@@ -142,7 +150,9 @@ class Gru:
         monitor's thresholds (``None``: from the cgroup's limits and host memory), sampled every
         ``memory_interval_s``. ``max_in_flight`` bounds workflows per orchestration (the
         backpressure point); ``grace_period_s`` is how long in-flight steps may finish on
-        shutdown (keep it under systemd's TimeoutStopSec). ``handle_signals`` installs the
+        shutdown, and ``stop_timeout_s`` bounds the whole shutdown, steps and resources (worker
+        pools stop concurrently within it): keep it under systemd's ``TimeoutStopSec`` (45 s in
+        the shipped units). ``handle_signals`` installs the
         SIGTERM/SIGINT handlers (main thread only). With ``$NOTIFY_SOCKET`` set, Gru sends
         ``READY=1`` before returning (see :mod:`minions.runtime.operations`).
         """
@@ -161,7 +171,8 @@ class Gru:
             state_store=state_store, db_path=db_path, logger=logger, log_file=log_file,
             metrics=metrics, metrics_host=metrics_host, metrics_port=port, memory=memory,
             memory_interval_s=memory_interval_s, max_in_flight=max_in_flight,
-            grace_period_s=grace_period_s, handle_signals=handle_signals,
+            grace_period_s=grace_period_s, stop_timeout_s=stop_timeout_s,
+            handle_signals=handle_signals,
             workflow_failure_policy=workflow_failure_policy, persistence=policy,
         )  # fmt: skip
         if _live_gru is not None:
@@ -281,13 +292,20 @@ class Gru:
             assert self._shutdown_result is not None
             return self._shutdown_result
         self.state = GruState.SHUTTING_DOWN
-        self.logger.info("gru shutting down (grace %.1fs)", self.config.grace_period_s, **ids())
+        deadline = time.monotonic() + self.config.stop_timeout_s
+        self.logger.info(
+            "gru shutting down (grace %.1fs, all done within %.1fs)",
+            self.config.grace_period_s, self.config.stop_timeout_s, **ids(),
+        )  # fmt: skip
         self._ops.begin_stop()
         cancelled = 0
-        errors: dict[str, str] = {}
+        errors: dict[str, str] = dict(self._escalations)
         try:
             async with self._lock:
-                cancelled, errors = await self._set.stop(list(self._set.running.values()))
+                with stopping_by(deadline):  # resources read it (pools keep to it)
+                    stopped = await self._set.stop(list(self._set.running.values()), deadline)
+                cancelled = stopped[0]
+                errors |= stopped[1]
                 errors |= await self._close_store()
         except Exception as exc:
             self.logger.error("shutdown failed: %r", exc, exc_info=exc, **ids())
@@ -388,6 +406,14 @@ class Gru:
     def _prepare_resource(self, resource: Resource) -> None:
         supervise_tasks(resource, self._task_failed)
         self._ops.prepare_resource(resource)
+        if isinstance(resource, WorkerPool):
+            resource.subscribe_circuit(self._crash_loops.circuit_changed)
+
+    def _escalate(self, pool: str, why: str) -> None:
+        """A pool set to ``on_crash_loop = "escalate"`` gave up: stop with a failure."""
+        if self.state is GruState.RUNNING:
+            self._escalations[pool] = why
+            self._track(self._shutdown_then_exit())
 
     def _task_failed(self, owner: object, label: str, exc: BaseException) -> None:
         name = type(owner).__name__

@@ -38,6 +38,8 @@ from minions.runtime.store_contract import StateStore
 from minions.runtime.telemetry import RuntimeMetrics
 
 _TASK_GRACE_S = 5.0
+_RESOURCE_SHARE_S = 7.0  # of Gru's stop deadline, left for resources after the steps' grace:
+# a worker pool's polite stop, SIGTERM and SIGKILL steps of 2 s each, and their reaping
 
 
 class StartFailed(Exception):
@@ -157,15 +159,24 @@ class OrchestrationSet:
         await self.pipelines.release(pipeline_cls, stop)
         return errors
 
-    async def stop(self, stopping: list[Running]) -> tuple[int, dict[str, str]]:
-        """Drain ``stopping`` together under one grace period, then tear each down."""
+    async def stop(
+        self, stopping: list[Running], deadline: float | None = None
+    ) -> tuple[int, dict[str, str]]:
+        """Drain ``stopping`` together under one grace period, then tear each down.
+
+        With a ``deadline`` (Gru's shutdown) the grace also ends early enough to leave the
+        resources their share of it (``_RESOURCE_SHARE_S``, or 40% of a shorter budget)."""
         for running in stopping:
             running.runner.unsubscribe(running.orchestration)
             running.orchestration.begin_drain()
         for running in stopping:
             if running.runner.subscriber_count == 0:
                 await running.runner.stop()
-        await self._wait_drained(t for r in stopping for t in r.orchestration.tasks)
+        drain_by = time.monotonic() + self._config.grace_period_s
+        if deadline is not None:
+            share = min(_RESOURCE_SHARE_S, 0.4 * max(0.0, deadline - time.monotonic()))
+            drain_by = min(drain_by, deadline - share)
+        await self._wait_drained((t for r in stopping for t in r.orchestration.tasks), drain_by)
         cancelled = 0
         errors: dict[str, str] = {}
         for running in reversed(stopping):
@@ -173,12 +184,11 @@ class OrchestrationSet:
             errors |= await self._teardown(running)
         return cancelled, errors
 
-    async def _wait_drained(self, tasks: Iterable[asyncio.Task[None]]) -> None:
-        """Wait for ``tasks`` until the grace period ends or a second signal cuts it short."""
+    async def _wait_drained(self, tasks: Iterable[asyncio.Task[None]], deadline: float) -> None:
+        """Wait for ``tasks`` until ``deadline`` or a second signal cuts the grace short."""
         pending: set[asyncio.Future[Any]] = set(tasks)
         if not pending:
             return
-        deadline = time.monotonic() + self._config.grace_period_s
         cut = asyncio.ensure_future(self.grace_cut.wait())
         try:
             while pending and not cut.done():

@@ -227,7 +227,7 @@ def resource_status(
         return ResourceStatus(import_path(cls), refs, state.value, False)
     snap = instance.snapshot()
     alive = snap.workers_ready + snap.spares_ready
-    return ResourceStatus(import_path(cls), refs, state.value, True, alive)
+    return ResourceStatus(import_path(cls), refs, state.value, True, alive, snap.circuit.value)
 
 
 def summary_line(status: GruStatus) -> str:
@@ -245,4 +245,7 @@ def summary_line(status: GruStatus) -> str:
     ]
     if status.pipelines_paused:
         parts.append("pipelines paused")
+    looping = [r.resource.rpartition(":")[2] for r in status.resources if r.circuit == "open"]
+    if looping:
+        parts.append(f"crash-looping (circuit open): {', '.join(looping)}")
     return ", ".join(parts)

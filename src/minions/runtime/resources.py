@@ -12,6 +12,7 @@ monitor to worker pools, which must happen before they start.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -138,31 +139,46 @@ class ResourceGraph:
         self._entries[cls] = entry
 
     async def release(self, plan: Sequence[type[Resource]]) -> dict[str, BaseException]:
-        """Drop one reference per class, shutting down (in reverse order) those left unused.
+        """Drop one reference per class and shut down those left unused: concurrently, except
+        that a resource stops only after every unused resource that depends on it has (so two
+        worker pools stop side by side, within Gru's one stop deadline).
 
         Returns shutdown errors by resource import path; a failing shutdown never stops the
         others from running.
         """
-        errors: dict[str, BaseException] = {}
-        for cls in reversed(plan):
+        unused: list[tuple[type[Resource], _Entry]] = []
+        for cls in reversed(plan):  # dependents before their dependencies
             entry = self._entries.get(cls)
             if entry is None:
                 continue
             entry.refs -= 1
-            if entry.refs > 0:
-                continue
-            del self._entries[cls]
-            try:
-                await entry.instance.shutdown()
-            except Exception as exc:
-                self._count_error(cls, "shutdown")
-                errors[import_path(cls)] = exc
-            for name in await cancel_tasks(entry.instance, _TASK_GRACE_S):
-                errors[f"{import_path(cls)}:{name}"] = TaskCancellationTimeoutError(
-                    name, _TASK_GRACE_S
-                )
-            entry.state = ResourceState.STOPPED
+            if entry.refs <= 0:
+                del self._entries[cls]
+                unused.append((cls, entry))
+        errors: dict[str, BaseException] = {}
+        stops: dict[type[Resource], asyncio.Task[None]] = {}
+        for cls, entry in unused:
+            after = [stops[c] for c, e in unused if c in stops and cls in e.deps.values()]
+            stops[cls] = asyncio.ensure_future(self._stop(cls, entry, after, errors))
+        await asyncio.gather(*stops.values())
         return errors
+
+    async def _stop(
+        self,
+        cls: type[Resource],
+        entry: _Entry,
+        after: list[asyncio.Task[None]],
+        errors: dict[str, BaseException],
+    ) -> None:
+        await asyncio.gather(*after)
+        try:
+            await entry.instance.shutdown()
+        except Exception as exc:
+            self._count_error(cls, "shutdown")
+            errors[import_path(cls)] = exc
+        for name in await cancel_tasks(entry.instance, _TASK_GRACE_S):
+            errors[f"{import_path(cls)}:{name}"] = TaskCancellationTimeoutError(name, _TASK_GRACE_S)
+        entry.state = ResourceState.STOPPED
 
     def inject(self, target: object) -> None:
         """Set each resource-annotated attribute of ``target`` to the shared running instance."""

@@ -74,13 +74,15 @@ class OrchestrationStatus(msgspec.Struct, frozen=True):
 
 
 class ResourceStatus(msgspec.Struct, frozen=True):
-    """One live resource; ``workers_alive`` counts a pool's serving workers (``None``: no pool)."""
+    """One live resource; ``workers_alive`` counts a pool's serving workers and ``circuit`` is
+    its circuit (``closed``, ``open``: crash-looping, ``half_open``); both ``None``: no pool."""
 
     resource: str
     refs: int
     state: str
     is_pool: bool
     workers_alive: int | None = None
+    circuit: str | None = None
 
 
 class GruStatus(msgspec.Struct, frozen=True):
