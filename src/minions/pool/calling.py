@@ -93,7 +93,7 @@ class CallFront:
             for name in specs
         }
         self._loop = loop
-        self.default_in_flight = config.workers * config.pipeline_depth
+        self.default_in_flight = 2 * config.workers * config.pipeline_depth  # see map()
 
     def name_of(self, method: str | Callable[..., Any]) -> str:
         """The exposed name ``method`` stands for. An unknown string is the worker's
@@ -318,7 +318,8 @@ class Calling(Generic[S]):
                 ...
 
         At most ``max_in_flight`` items are taken from ``items`` and not yet yielded (default:
-        ``workers * pipeline_depth``), so an endless iterable is fine. ``ordered=False`` yields
+        ``2 * workers * pipeline_depth``: every worker's pipeline stays full while the consumer
+        catches up), so an endless iterable is fine. ``ordered=False`` yields
         results as they complete. The first error ends the stream: the results before it (in
         order) are yielded, then it is raised, and what is still in flight is cancelled;
         ``return_exceptions=True`` yields errors in their place instead. When the consumer
