@@ -97,6 +97,31 @@ def test_an_endless_iterable_is_taken_only_as_results_are_consumed() -> None:
     run(scenario())
 
 
+class UnpipelinedJournal(MapJournal):
+    pipeline_depth = 1  # a sent call is running: the others stay in the queue
+
+
+def test_breaking_out_of_async_for_cancels_what_is_left_at_once(tmp_path: Path) -> None:
+    """One worker: e0 is yielded while e1 runs (held by its gate) and e2..e4 wait in the
+    queue. Leaving the loop drops the stream, which withdraws the queued ones right away."""
+    gate, journal = str(tmp_path / "gate"), str(tmp_path / "journal")
+    entries = [Entry(journal, "e0"), *(Entry(journal, f"e{i}", gate) for i in range(1, 50))]
+
+    async def scenario() -> None:
+        async with UnpipelinedJournal() as pool:
+            async for tag in pool.map(Journal.entry, entries, max_in_flight=4):
+                assert tag == "e0"
+                await eventually(lambda: running_pid(pool, "entry"))  # e1 at its gate
+                assert pool.snapshot().queue_depth == 3
+                break
+            assert pool.snapshot().queue_depth == 0  # no garbage collection needed
+            Path(gate).touch()
+            await eventually(lambda: pool.snapshot().in_flight == 0)
+        assert lines(journal) == ["e0", "e1"]
+
+    run(scenario())
+
+
 def test_the_first_error_ends_the_stream_after_the_results_before_it() -> None:
     async def scenario() -> None:
         async with TwoJournals() as pool:
@@ -109,6 +134,32 @@ def test_the_first_error_ends_the_stream_after_the_results_before_it() -> None:
             assert source.taken <= 4 + 16
             await eventually(lambda: pool.snapshot().in_flight == 0)
             assert pool.snapshot().queue_depth == 0
+
+    run(scenario())
+
+
+def test_an_error_stops_taking_items_before_the_consumer_reaches_it(tmp_path: Path) -> None:
+    """The first item waits at its gate while the second fails: no item is taken any more and
+    what is queued is withdrawn, though the consumer still gets the first. (The third was sent
+    to the freed worker in the same pass that delivered the failure, so it runs; its result is
+    dropped.)"""
+    gate, journal = str(tmp_path / "gate"), str(tmp_path / "journal")
+    bad = Entry(str(tmp_path / "no-such-dir" / "journal"), "bad")
+    items = [Entry(journal, "e0", gate), bad, *(Entry(journal, f"e{i}") for i in range(2, 99))]
+
+    async def scenario() -> None:
+        async with TwoJournals() as pool:
+            source = Counted(iter(items))
+            stream = pool.map(Journal.entry, source, max_in_flight=4)
+            first = asyncio.create_task(stream.__anext__())
+            await eventually(lambda: pool.snapshot().queue_depth == 0 and source.taken == 4)
+            await eventually(lambda: pool.snapshot().in_flight == 1)  # "bad" failed, e0 holds
+            Path(gate).touch()
+            assert await first == "e0"
+            with pytest.raises(RemoteError, match="FileNotFoundError"):
+                await stream.__anext__()
+            assert source.taken == 4
+        assert lines(journal) == ["e2", "e0"]  # e3 was withdrawn before it ran
 
     run(scenario())
 

@@ -165,6 +165,8 @@ def test_per_call_options_resolve_against_the_handlers_default() -> None:
         CallOptions(retries_on_crash=1).resolve("m", declared)
     killing = CallOptions(timeout_s=1, cancel="kill").resolve("m", base)
     assert killing.kill_on_cancel and killing.timeout_s == 1
+    with pytest.raises(ValueError, match="cannot be retried"):  # the invariant settle relies on
+        CallPolicy(timeout_s=1.0, retries_on_crash=1, idempotent=False)
 
 
 def test_the_deadline_is_the_calls_own() -> None:

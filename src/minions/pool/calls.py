@@ -29,6 +29,10 @@ class CallPolicy:
     idempotent: bool = True
     kill_on_cancel: bool = False
 
+    def __post_init__(self) -> None:
+        if self.retries_on_crash and not self.idempotent:
+            raise ValueError("a call that is not idempotent cannot be retried after a crash")
+
 
 @dataclass(frozen=True, slots=True)
 class CallOptions:

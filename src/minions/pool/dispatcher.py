@@ -351,7 +351,7 @@ class Dispatcher:
             )  # fmt: skip
             return False
         call.crashes += 1
-        retries = call.policy.retries_on_crash if call.policy.idempotent else 0
+        retries = call.policy.retries_on_crash  # 0 if not idempotent: CallPolicy's invariant
         if call.crashes <= retries:
             self._retries.inc()
             log.info(
