@@ -20,6 +20,7 @@ from conftest import run
 from minions.errors import CallTimeout, PoisonCall, PoolUnavailable, RemoteError, WorkerCrashed
 from minions.workers import WorkerPool, WorkerService, expose
 from native_demo.service import NativeDemo
+from services import Hostile
 
 
 class TypedPool(WorkerPool[NativeDemo]):
@@ -76,6 +77,8 @@ def test_a_handler_of_another_service_is_refused_before_dispatch() -> None:
             before = pool.snapshot().pids
             with pytest.raises(TypeError, match=r"Journal\.record is not an @expose'd handler"):
                 await pool.call(Journal.record, "/nonexistent", "x")  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match=r"Hostile\.ping is not an @expose'd handler"):
+                await pool.call(Hostile.ping, 1)  # type: ignore[arg-type]  # same name as ours
             with pytest.raises(TypeError, match=r"NativeDemo\.setup is not an @expose'd"):
                 await pool.call(NativeDemo.setup)
             with pytest.raises(TypeError, match="not an @expose'd"):

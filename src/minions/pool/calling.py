@@ -60,7 +60,7 @@ class CallFront:
         self._dispatcher = dispatcher
         self._check_accepting = check_accepting
         self._service_name = "the service"
-        self._names: dict[Callable[..., Any], str] = {}
+        self._names: dict[Callable[..., Any] | str, str] = {}  # handler or its name -> name
         self._policies: dict[str, CallPolicy] = {}
         self._resolved: dict[tuple[CallOptions, str], CallPolicy] = {}
         self._ok: dict[str, tuple[Any, Any]] = {}
@@ -77,6 +77,7 @@ class CallFront:
         """The pool loaded its service: learn its handlers and their default policies."""
         self._service_name = service.__qualname__
         self._names = {getattr(service, name): name for name in specs}
+        self._names.update((name, name) for name in specs)  # one lookup for both forms
         self._policies = {
             name: CallPolicy(
                 timeout_s=config.call_timeout_s,
@@ -117,8 +118,6 @@ class CallFront:
         )
 
     def _lookup(self, method: str | Callable[..., Any]) -> str | None:
-        if isinstance(method, str):
-            return method if method in self._policies else None
         try:
             return self._names.get(method)
         except TypeError:  # unhashable: certainly not a handler
@@ -147,8 +146,8 @@ class CallFront:
         pass); nothing is sent if this raises (``TypeError`` for arguments msgspec cannot
         encode, ``ValueError`` for contradictory options)."""
         self._check_accepting()
-        name = self.name_of(method)
-        policy = self.policy(name, options)
+        name = self._lookup(method) or self.name_of(method)
+        policy = self._policies[name] if options is None else self.policy(name, options)
         try:
             encoded_args = m.encoder.encode(args)
             encoded_kwargs = m.encoder.encode(kwargs) if kwargs else m.EMPTY_MAP
