@@ -4,13 +4,15 @@ Run: ``.venv/bin/python benchmarks/bench_pool.py [--quick] [--only floor,ppe,lok
 
 All contenders run in ONE process and are measured in interleaved rounds (the order rotates every
 round), so machine noise lands on all of them alike. Each does the same work per call: one
-``native_demo._native.ping`` in a child process. See README.md for what each column means.
+``native_demo._native.ping`` in a child process. See README.md for what each column means. The
+map table compares ``pool.map`` with ``ProcessPoolExecutor.map(chunksize=...)`` the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import dataclasses
 import os
 import platform
@@ -19,7 +21,9 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import bench_tasks
 import contenders as cs
 
 IN_FLIGHT = 64
@@ -34,10 +38,17 @@ class Plan:
     calls_per_lane: int  # x IN_FLIGHT concurrent lanes per round
     crash_reps: int
     settle_s: float  # pause after a crash subject starts, so spare workers can boot
+    map_rounds: int = 5
+    map_items: int = 10_000  # pings per map, per subject, per round
 
 
 FULL = Plan(rounds=10, latency_calls=400, calls_per_lane=30, crash_reps=5, settle_s=0.5)
-QUICK = Plan(rounds=3, latency_calls=150, calls_per_lane=12, crash_reps=2, settle_s=0.3)
+QUICK = Plan(
+    rounds=3, latency_calls=150, calls_per_lane=12, crash_reps=2, settle_s=0.3,
+    map_rounds=2, map_items=3_000,
+)  # fmt: skip
+PPE_CHUNKSIZES = (1, 16, 256)
+MINIONS_WINDOWS = (None, 16, 256)  # max_in_flight; None: the default, 2 * workers * pipeline_depth
 
 
 @dataclass
@@ -150,6 +161,97 @@ async def run_crashes(names: list[str], plan: Plan) -> list[CrashSamples]:
     return [s for s, _ in subjects]
 
 
+# --- map throughput -----------------------------------------------------------------------------
+
+
+class MapSubjects:
+    """``ProcessPoolExecutor(2).map`` and a two-worker Minions pool's ``map``, same pings."""
+
+    def __init__(self) -> None:
+        self.ppe: concurrent.futures.ProcessPoolExecutor | None = None
+        self.pool: Any = None
+        self.ping: Any = None
+
+    def start_ppe(self) -> None:
+        """Before any ZeroMQ thread exists: the executor forks its two children here."""
+        self.ppe = concurrent.futures.ProcessPoolExecutor(2)
+        assert list(self.ppe.map(bench_tasks.ping, range(64))) == list(range(64))
+
+    async def start_minions(self) -> None:
+        from minions.workers import WorkerPool
+        from native_demo.service import NativeDemo
+
+        class MapBenchPool(WorkerPool[NativeDemo]):
+            workers = 2
+
+        self.pool = await MapBenchPool().__aenter__()
+        self.ping = NativeDemo.ping
+        assert [r async for r in self.pool.map(self.ping, range(64))] == list(range(64))
+
+    def rows(self) -> list[tuple[str, Callable[[int], Any]]]:
+        rows: list[tuple[str, Callable[[int], Any]]] = []
+        if self.ppe is not None:
+            rows += [(f"ProcessPoolExecutor.map cs={c}", self._ppe_map(c)) for c in PPE_CHUNKSIZES]
+        if self.pool is not None:
+            rows += [
+                (f"minions map in_flight={w or 'default'}", self._map(w)) for w in MINIONS_WINDOWS
+            ]
+        return rows
+
+    def _ppe_map(self, chunksize: int) -> Callable[[int], Any]:
+        async def run(n: int) -> list[int]:
+            assert self.ppe is not None
+            ex = self.ppe
+            return await asyncio.to_thread(
+                lambda: list(ex.map(bench_tasks.ping, range(n), chunksize=chunksize))
+            )
+
+        return run
+
+    def _map(self, window: int | None) -> Callable[[int], Any]:
+        async def run(n: int) -> list[int]:
+            return [r async for r in self.pool.map(self.ping, range(n), max_in_flight=window)]
+
+        return run
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.__aexit__(None, None, None)
+        if self.ppe is not None:
+            await asyncio.to_thread(self.ppe.shutdown, True)
+
+
+async def run_maps(subjects: MapSubjects, plan: Plan) -> dict[str, list[float]]:
+    """Every map row once per round, order rotating: items per second."""
+    rows = subjects.rows()
+    rates: dict[str, list[float]] = {label: [] for label, _ in rows}
+    for r in range(plan.map_rounds):
+        for label, run in rows[r % len(rows) :] + rows[: r % len(rows)]:
+            t0 = time.perf_counter()
+            got = await asyncio.wait_for(run(plan.map_items), STEP_TIMEOUT_S)
+            rates[label].append(plan.map_items / (time.perf_counter() - t0))
+            if got != list(range(plan.map_items)):
+                raise AssertionError(f"{label}: wrong map results")
+        progress(f"map round {r + 1}/{plan.map_rounds} done")
+    return rates
+
+
+def print_map_table(rates: dict[str, list[float]], plan: Plan) -> None:
+    print(
+        f"\nmap of {plan.map_items:,} pings, 2 workers; median of {plan.map_rounds} interleaved "
+        "rounds\n"
+    )
+    median = {label: statistics.median(r) for label, r in rates.items()}
+    ppe = [v for label, v in median.items() if label.startswith("ProcessPool")]
+    base = median.get("ProcessPoolExecutor.map cs=1")
+    best = max(ppe) if ppe else None
+    head = f"{'subject':<34}{'items/s':>10}{'/PPE cs=1':>11}{'/best PPE':>11}"
+    print(head)
+    print("-" * len(head))
+    for label, value in median.items():
+        print(f"{label:<34}{value:>10,.0f}{ratio(value, base):>11}{ratio(value, best):>11}")
+
+
 # --- report -------------------------------------------------------------------------------------
 
 
@@ -247,6 +349,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, help="override the number of interleaved rounds")
     parser.add_argument("--no-crash", action="store_true", help="skip the crash-recovery table")
+    parser.add_argument("--no-map", action="store_true", help="skip the map throughput table")
     args = parser.parse_args(argv)
     args.only = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = set(args.only) - set(cs.LATENCY_CONTENDERS)
@@ -270,6 +373,9 @@ async def amain(args: argparse.Namespace) -> None:
         f"{'quick' if args.quick else 'full'} run, contenders: {', '.join(names)}"
     )
     t0 = time.perf_counter()
+    maps = MapSubjects()
+    if not args.no_map and "ppe" in names:
+        maps.start_ppe()  # forks: before any contender starts a ZeroMQ or loky thread
     contenders = await start_all(names)
     try:
         samples = await run_rounds(contenders, plan) if contenders else {}
@@ -278,6 +384,13 @@ async def amain(args: argparse.Namespace) -> None:
             await c.close()
     if samples:
         print_table(samples, plan)
+    if not args.no_map and ("ppe" in names or "minions" in names):
+        try:
+            if "minions" in names:
+                await maps.start_minions()
+            print_map_table(await run_maps(maps, plan), plan)
+        finally:
+            await maps.close()
     if not args.no_crash:
         crash_names = [n for n in names if n in cs.CRASH_SUBJECTS]
         if crash_names:

@@ -18,8 +18,8 @@ def test_public_names_are_pinned() -> None:
         "resource_id",
     ]  # fmt: skip
     assert sorted(minions.workers.__all__) == [
-        "Circuit", "MemoryLevel", "PoolConfig", "PoolSnapshot", "PoolState", "WorkerPool",
-        "WorkerService", "expose",
+        "Caller", "Circuit", "MemoryLevel", "PoolConfig", "PoolSnapshot", "PoolState",
+        "ResultStream", "WorkerPool", "WorkerService", "expose",
     ]  # fmt: skip
     for module in (minions, minions.workers):
         for name in module.__all__:

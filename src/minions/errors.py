@@ -95,7 +95,9 @@ class WorkerCrashed(_WorkerEnded):
 
     ``signal``/``exit_code`` say how it died, ``stack`` holds the Python stack faulthandler wrote
     at the moment of death (empty if the process was killed with SIGKILL). The pool has already
-    started a replacement worker.
+    started a replacement worker. Also raised for a call that is not idempotent whose worker
+    died before its reply arrived (``during`` then says so): it may have run, and was not run
+    again.
     """
 
     _stack_heading = "worker stack at death"
@@ -113,6 +115,7 @@ class WorkerCrashed(_WorkerEnded):
         stack: str = "",
         attempts: int = 1,
         hint: str = "",
+        during: str = "",
     ) -> None:
         self.signal = signal
         self.exit_code = exit_code
@@ -121,7 +124,7 @@ class WorkerCrashed(_WorkerEnded):
         how = signal_name(signal) if signal is not None else f"exit code {exit_code}"
         text = (
             f"worker {worker_id} (pid {pid}) of pool {pool!r} died of {how} ({reason}) "
-            f"while running {method}()"
+            f"{during or f'while running {method}()'}"
         )
         if attempts > 1:
             text += f" on attempt {attempts}"

@@ -6,6 +6,10 @@ placed deterministically: with rate *f*, event *i* carries a fault when ``floor(
 up, and the kinds rotate segfault, abort, hang. So ``--events 60 --fault-rate 0.1`` injects
 exactly two of each, evenly spread, and a run is reproducible from its seed.
 
+Every call is typed (``pool.call(NativeDemo.crc32, data)``): mypy checks the arguments and the
+result against the handler. Importing ``NativeDemo`` reads its annotations only; the C
+extension loads in the workers' ``setup()``.
+
 An injected fault must end as the typed error the failure contract promises (a segfault or abort
 as ``WorkerCrashed``/``PoisonCall`` with that signal, a hang as ``CallTimeout``). The minion then
 ends the workflow on purpose (``AbortWorkflow``), as a real application would dead-letter a bad
@@ -22,18 +26,27 @@ import math
 import random
 import signal
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Concatenate, ParamSpec, TypeVar
 
 import msgspec
 
 from minions import AbortWorkflow, Minion, Pipeline, minion_step
 from minions.errors import CallTimeout, Overloaded, PoolUnavailable, WorkerCrashed
 from minions.workers import PoolConfig, WorkerPool
+from native_demo.service import NativeDemo
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 #: Injected fault kinds, in rotation: the ``NativeDemo`` method each one calls.
 FAULTS = ("segfault", "abort", "spin")
+_FAULT_METHODS: dict[str, Callable[[NativeDemo], None]] = {
+    "segfault": NativeDemo.segfault,
+    "abort": NativeDemo.abort,
+    "spin": NativeDemo.spin,
+}
 _FAULT_SIGNALS = {"segfault": signal.SIGSEGV, "abort": signal.SIGABRT}
 _PAYLOAD_BYTES = 64 * 1024
 _PRIMES_RANGE = (3_000_000, 12_000_000)  # ~20-80 ms of sieve per call on one core
@@ -134,7 +147,7 @@ class DemoContext(msgspec.Struct):
     primes: int = 0
 
 
-class DemoPool(WorkerPool):
+class DemoPool(WorkerPool[NativeDemo]):
     """``NativeDemo`` workers, configured to show the contract quickly rather than to be safe.
 
     ``retries_on_crash = 1``: a crashing call gets one fresh worker, then is a ``PoisonCall``.
@@ -145,7 +158,6 @@ class DemoPool(WorkerPool):
     crashes delay respawns by at most a second (5 s by default), so ``--fault-rate 1`` moves.
     """
 
-    service = "native_demo.service:NativeDemo"
     workers = 2
     spare_workers = 1
     retries_on_crash = 1
@@ -189,7 +201,7 @@ class DemoMinion(Minion[DemoEvent, DemoContext]):
     @minion_step
     async def checksum(self) -> None:
         data = random.Random(self.event.seq).randbytes(_PAYLOAD_BYTES)
-        crc = await _call(self.native, "crc32", data)
+        crc = await _call(self.native, NativeDemo.crc32, data)
         if crc != zlib.crc32(data):
             raise WrongResult(
                 f"crc32 of event {self.event.seq}: worker {crc}, parent {zlib.crc32(data)}"
@@ -202,7 +214,7 @@ class DemoMinion(Minion[DemoEvent, DemoContext]):
         if not fault:
             return
         try:
-            await _call(self.native, fault)
+            await _call(self.native, _FAULT_METHODS[fault])
         except (WorkerCrashed, CallTimeout) as exc:
             if expected_failure(fault, exc):
                 raise AbortWorkflow(f"injected {fault} ended as {type(exc).__name__}") from exc
@@ -211,15 +223,21 @@ class DemoMinion(Minion[DemoEvent, DemoContext]):
 
     @minion_step
     async def count_primes(self) -> None:
-        self.context.primes = await _call(self.native, "count_primes", self.event.primes_below)
+        primes = await _call(self.native, NativeDemo.count_primes, self.event.primes_below)
+        self.context.primes = primes
 
 
-async def _call(pool: WorkerPool, method: str, *args: Any) -> Any:
+async def _call(
+    pool: DemoPool,
+    method: Callable[Concatenate[NativeDemo, P], R],
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> R:
     """``pool.call`` that waits out an open circuit or memory shedding instead of failing:
     what a real step does with errors that say "retry later" (nothing ran in a worker)."""
     while True:
         try:
-            return await pool.call(method, *args)
+            return await pool.call(method, *args, **kwargs)
         except PoolUnavailable as exc:
             if exc.retry_after_s is None:  # shutting down or not started: not "later"
                 raise

@@ -3,16 +3,23 @@
 Both sides of the boundary read the same description of a service (:func:`describe`): the worker
 validates arguments against each handler's annotations before running it, the parent decodes
 results to the declared return type. Reading the description imports the service *module* only;
-the risky native library must be imported in ``setup()``, which runs in the worker alone.
+the risky native library must be imported in ``setup()``, which runs in the worker alone, and
+:func:`native_modules_imported_by` is how the pool checks that (in a fresh interpreter).
+
+``expose`` returns the handler itself, so ``NativeDemo.crc32`` keeps its exact signature: that
+is what lets ``pool.call(NativeDemo.crc32, data)`` be type-checked against it.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.machinery
 import inspect
+import sys
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar, overload
 
 import msgspec
 
@@ -23,20 +30,32 @@ F = TypeVar("F", bound=Callable[..., Any])
 _EXPOSED = "__minions_exposed__"
 
 
-def expose(func: F) -> F:
-    """Mark a ``WorkerService`` method as callable through ``pool.call(name, ...)``.
+@overload
+def expose(func: F, /) -> F: ...
+@overload
+def expose(*, idempotent: bool = True) -> Callable[[F], F]: ...
+def expose(func: F | None = None, /, *, idempotent: bool = True) -> F | Callable[[F], F]:
+    """Mark a ``WorkerService`` method as callable through ``pool.call(Service.method, ...)``.
 
     Handlers take annotated positional-or-keyword parameters (no ``*args``/``**kwargs``) so the
-    worker can validate every call before running native code.
+    worker can validate every call before running native code. ``@expose(idempotent=False)``
+    says running it twice is not harmless (it charges, sends, appends): the pool then never
+    runs a call of it a second time, after a crash or a lost reply (see the failure contract).
     """
-    for param in list(inspect.signature(func).parameters.values())[1:]:
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.POSITIONAL_ONLY):
-            raise TypeError(
-                f"@expose {func.__qualname__}: parameter {param.name!r} must be an ordinary "
-                "positional-or-keyword or keyword-only parameter"
-            )
-    setattr(func, _EXPOSED, True)
-    return func
+    if not isinstance(idempotent, bool):
+        raise TypeError(f"@expose(idempotent=...) must be True or False, got {idempotent!r}")
+
+    def mark(handler: F) -> F:
+        for param in list(inspect.signature(handler).parameters.values())[1:]:
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.POSITIONAL_ONLY):
+                raise TypeError(
+                    f"@expose {handler.__qualname__}: parameter {param.name!r} must be an "
+                    "ordinary positional-or-keyword or keyword-only parameter"
+                )
+        setattr(handler, _EXPOSED, idempotent)
+        return handler
+
+    return mark if func is None else mark(func)
 
 
 class WorkerService:
@@ -45,7 +64,14 @@ class WorkerService:
     The worker constructs it with no arguments, calls :meth:`setup` once (import native
     libraries here, never at module level), serves calls one at a time, and calls
     :meth:`teardown` on a clean shutdown (not after a crash).
+
+    Gru imports the service's module to read the handlers' types; a pool refuses to start if
+    that import loads compiled extension modules other than the standard library's and
+    Minions' own. ``parent_safe`` names top-level packages whose compiled modules may load in
+    Gru anyway (known not to crash or hold state at import).
     """
+
+    parent_safe: ClassVar[tuple[str, ...]] = ()
 
     def setup(self) -> None:
         """Prepare the worker; raising here fails the worker's boot (reported to the pool)."""
@@ -62,6 +88,7 @@ class MethodSpec:
     params: tuple[str, ...]
     args_type: type[msgspec.Struct]
     result_type: Any
+    idempotent: bool = True  # from @expose(idempotent=...)
 
 
 def _args_struct(cls: type, name: str, func: Callable[..., Any]) -> tuple[tuple[str, ...], type]:
@@ -85,11 +112,12 @@ def describe(cls: type[WorkerService]) -> dict[str, MethodSpec]:
     """Every ``@expose``d handler of ``cls`` by name."""
     specs: dict[str, MethodSpec] = {}
     for name, func in inspect.getmembers(cls, inspect.isfunction):
-        if not getattr(func, _EXPOSED, False):
+        idempotent = getattr(func, _EXPOSED, None)
+        if idempotent is None:
             continue
         params, args_type = _args_struct(cls, name, func)
         result_type = typing.get_type_hints(func).get("return", Any)
-        specs[name] = MethodSpec(name, params, args_type, result_type)
+        specs[name] = MethodSpec(name, params, args_type, result_type, idempotent)
     return specs
 
 
@@ -99,3 +127,24 @@ def load_service(path: str) -> type[WorkerService]:
     if not (isinstance(obj, type) and issubclass(obj, WorkerService)):
         raise TypeError(f"service {path!r} is not a WorkerService subclass")
     return obj
+
+
+def native_modules_imported_by(path: str) -> list[str]:
+    """Compiled extension modules that importing the service at ``path`` (and reading its
+    handlers) loads, beyond those already loaded and the standard library's.
+
+    Runs in a fresh interpreter that first imported ``minions.workers`` (so Minions' own
+    msgspec, pyzmq and psutil count as already loaded): the pool's probe, see
+    ``minions.pool.calling.check_parent_safe``.
+    """
+    before = set(sys.modules)
+    cls = load_service(path)
+    describe(cls)
+    allowed = set(sys.stdlib_module_names) | set(cls.parent_safe)
+    return sorted(
+        name
+        for name, module in list(sys.modules.items())
+        if name not in before
+        and name.partition(".")[0] not in allowed
+        and isinstance(getattr(module, "__loader__", None), importlib.machinery.ExtensionFileLoader)
+    )

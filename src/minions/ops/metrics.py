@@ -37,7 +37,7 @@ _LATENCY_BUCKETS = (
 WORKER_CALLS = Counter(
     "minions_worker_calls",
     "Worker calls that ended, by outcome "
-    "(ok, remote_error, crashed, poison, timeout, overloaded, unavailable).",
+    "(ok, remote_error, crashed, poison, timeout, overloaded, unavailable, cancelled).",
     ["pool", "method", "outcome"],
     registry=REGISTRY,
 )
@@ -63,7 +63,7 @@ WORKER_CRASHES = Counter(
 )
 WORKER_RECYCLES = Counter(
     "minions_worker_recycles",
-    "Planned worker retirements by reason (max_calls, rss, memory, restart).",
+    "Planned worker retirements by reason (max_calls, rss, memory, restart, cancelled).",
     ["pool", "reason"],
     registry=REGISTRY,
 )

@@ -13,6 +13,13 @@ Supervisor emits one :class:`~minions.pool.events.Death` and :meth:`Dispatcher.s
 what every call that worker owed becomes: the call it was running (its marker says which) gets
 the error the verdict implies or is retried; every other owed call either finished with a reply
 that died unflushed or never started, and goes back to the head of the queue (at-least-once).
+A call whose policy says it is not idempotent is never sent twice (at-most-once): it goes back
+only if it certainly never started (it was behind the running call), and otherwise fails.
+
+Cancellation: a queued call is withdrawn and never runs; a sent one runs on and its answer is
+dropped, unless its policy kills on cancel: then the lane is doomed and the front asks the
+Supervisor to kill the worker (:meth:`LaneEvents.call_cancelled`). Such a call only goes to an
+idle lane and nothing is pipelined behind it, so the kill never costs another caller anything.
 
 Everything runs on the pool's event loop; the hot path is :meth:`dispatch` and :meth:`take`.
 """
@@ -40,7 +47,7 @@ from minions.errors import (
 )
 from minions.ipc import messages as m
 from minions.ops import metrics
-from minions.pool.calls import PendingCall, fingerprint
+from minions.pool.calls import CallPolicy, PendingCall, fingerprint
 from minions.pool.config import PoolConfig
 from minions.pool.events import Death, Settlement, WorkerRef
 from minions.pool.verdict import DeathCause
@@ -69,7 +76,7 @@ class Throttle:
 class Lane:
     """The calls one worker owes, oldest first, and its pipelining budget."""
 
-    __slots__ = ("backlog_s", "head_since", "owed", "state", "worker")
+    __slots__ = ("backlog_s", "exclusive", "head_since", "owed", "state", "worker")
 
     def __init__(self, worker: WorkerRef) -> None:
         self.worker = worker
@@ -77,12 +84,14 @@ class Lane:
         self.owed: collections.deque[PendingCall] = collections.deque()
         self.head_since = 0.0  # monotonic time the call it is running now started
         self.backlog_s = 0.0  # predicted run time of what it owes
+        self.exclusive = False  # it owes one kill-on-cancel call: nothing is pipelined behind it
 
 
 class LaneEvents(Protocol):
     """What the Dispatcher reports about workers; the pool front forwards it to the Supervisor."""
 
     def call_overran(self, worker: WorkerRef, call: PendingCall) -> None: ...
+    def call_cancelled(self, worker: WorkerRef, call: PendingCall) -> None: ...
     def lane_lost(self, worker: WorkerRef) -> None: ...
     def lane_drained(self, worker: WorkerRef) -> None: ...
 
@@ -107,11 +116,15 @@ class Dispatcher:
         self._quarantine: dict[bytes, float] = {}
         self._throttle = Throttle(config.pipeline_depth)
         self._retries = metrics.WORKER_CALL_RETRIES.labels(pool_name)
+        self._policy = CallPolicy(config.call_timeout_s, config.retries_on_crash)
 
     # --- admission ---------------------------------------------------------------------------
 
-    def admit(self, method: str, args: bytes, kwargs: bytes, future: Any) -> PendingCall:
-        """Queue a call, or refuse it before anything is sent (``Overloaded``, ``PoisonCall``)."""
+    def admit(
+        self, method: str, args: bytes, kwargs: bytes, future: Any, policy: CallPolicy | None = None
+    ) -> PendingCall:
+        """Queue a call, or refuse it before anything is sent (``Overloaded``, ``PoisonCall``).
+        ``policy`` defaults to the pool's settings."""
         if self._throttle.shed:
             raise Overloaded(self.pool_name, "memory pressure is critical")
         if len(self._queue) >= self.config.max_queue:
@@ -121,18 +134,26 @@ class Dispatcher:
         if self._quarantine:
             self._check_quarantine(method, args, kwargs)
         call = PendingCall(next(self._ids), method, args, kwargs, future)
-        call.timeout_s = self.config.call_timeout_s
+        call.policy = self._policy if policy is None else policy
         self._queue.append(call)
         return call
 
     def withdraw(self, call: PendingCall) -> bool:
-        """The caller gave up: a call still queued leaves the queue and never runs. ``False``
-        if it was already sent (its answer will be dropped)."""
+        """The caller gave up: a call still queued leaves the queue and never runs (``True``).
+        A sent one runs on and its answer is dropped, or, if its policy kills on cancel, its
+        worker is reported for killing (``False`` either way)."""
         try:
             self._queue.remove(call)
         except ValueError:
-            return False
-        return True
+            pass
+        else:
+            return True
+        if call.policy.kill_on_cancel:
+            lane = next((ln for ln in self._lanes.values() if ln.owed and ln.owed[0] is call), None)
+            if lane is not None and lane.state is not LaneState.DOOMED:
+                self._doom(lane)
+                self._events.call_cancelled(lane.worker, call)
+        return False
 
     def _check_quarantine(self, method: str, args: bytes, kwargs: bytes) -> None:
         now = time.monotonic()
@@ -194,13 +215,15 @@ class Dispatcher:
                 queue.popleft()
                 continue
             expected = self._cost.get(call.method, window)
-            lane = self._pick_lane(depth, window - expected)
+            exclusive = call.policy.kill_on_cancel  # an idle lane only, see the module note
+            lane = self._pick_lane(1 if exclusive else depth, window - expected)
             if lane is None:
                 break
             queue.popleft()
             if not lane.owed:
                 lane.head_since = now
                 lane.backlog_s = 0.0
+                lane.exclusive = exclusive
             call.expected_s = expected
             lane.backlog_s += expected
             lane.owed.append(call)
@@ -220,7 +243,7 @@ class Dispatcher:
             owed = lane.owed
             if not owed:
                 return lane
-            if len(owed) < depth and lane.backlog_s <= max_backlog:
+            if len(owed) < depth and lane.backlog_s <= max_backlog and not lane.exclusive:
                 best, max_backlog = lane, lane.backlog_s
         return best
 
@@ -277,16 +300,44 @@ class Dispatcher:
         culprit = next((c for c in calls if c.call_id == death.running_call), None)
         if culprit is None and death.verdict.cause is DeathCause.TIMEOUT and calls:
             culprit = calls[0]  # killed before its marker could say: the head overran
-        back = [c for c in calls if c is not culprit or self._runs_again(c, death)]
+        started = calls.index(culprit) + 1 if culprit is not None else len(calls)
+        back = []
+        for i, call in enumerate(calls):
+            if call.future.done():
+                continue  # its caller gave up: nobody waits for it
+            if call is culprit:
+                if self._runs_again(call, death):
+                    back.append(call)
+            elif call.policy.idempotent or i >= started:
+                back.append(call)  # never started, or harmless to run again
+            else:
+                call.fail(self._reply_lost(call, death, finished=culprit is not None))
         self._queue.extendleft(reversed(back))
         requeued = len(back) - (culprit in back)
         return Settlement(culprit.method if culprit is not None else None, requeued)
+
+    def _reply_lost(self, call: PendingCall, death: Death, finished: bool) -> WorkerCallError:
+        """The error of a call that is not idempotent and may have run (``finished``: it ran
+        before the call the worker died in) but whose reply died with its worker."""
+        if death.verdict.cause is DeathCause.STOPPED:
+            return PoolUnavailable(
+                self.pool_name,
+                f"the pool shut down before the reply of {call.method}() arrived; it may have "
+                "run and was not run again because it is not idempotent",
+            )
+        during = (
+            f"after {call.method}() had finished, before its reply reached the pool"
+            if finished
+            else f"while it owed {call.method}(), which may or may not have run"
+        )
+        hint = "it was not run again because it is not idempotent (idempotent=False)"
+        return _crash_error(WorkerCrashed, self.pool_name, call, death, hint, during)
 
     def _runs_again(self, call: PendingCall, death: Death) -> bool:
         """The call the worker was running when it died: fail it with what the verdict implies,
         or say it goes back to the queue (``True``)."""
         cause = death.verdict.cause
-        if cause is DeathCause.RECYCLED:
+        if cause is DeathCause.RECYCLED and call.policy.idempotent:
             return True  # a planned stop never interrupts a call; if one did, it runs again
         if cause is DeathCause.STOPPED:
             call.fail(PoolUnavailable(self.pool_name, "the pool shut down while the call ran"))
@@ -300,7 +351,7 @@ class Dispatcher:
             )  # fmt: skip
             return False
         call.crashes += 1
-        retries = self.config.retries_on_crash
+        retries = call.policy.retries_on_crash  # 0 if not idempotent: CallPolicy's invariant
         if call.crashes <= retries:
             self._retries.inc()
             log.info(
@@ -315,10 +366,13 @@ class Dispatcher:
                 f"method+arguments fail fast for {self.config.poison_ttl_s:g}s"
             )
             call.fail(_crash_error(PoisonCall, self.pool_name, call, death, hint))
+        elif not call.policy.idempotent:
+            hint = "the call was not retried because it is not idempotent (idempotent=False)"
+            call.fail(_crash_error(WorkerCrashed, self.pool_name, call, death, hint))
         else:
             hint = (
                 "the call was not retried because retries_on_crash = 0; set it on the pool "
-                "if the method is safe to run again"
+                "(or per call: pool.options(retries_on_crash=1)) if it is safe to run again"
             )
             call.fail(_crash_error(WorkerCrashed, self.pool_name, call, death, hint))
         return False
@@ -351,11 +405,16 @@ class Dispatcher:
 
 
 def _crash_error(
-    cls: type[WorkerCrashed], pool: str, call: PendingCall, death: Death, hint: str
+    cls: type[WorkerCrashed],
+    pool: str,
+    call: PendingCall,
+    death: Death,
+    hint: str,
+    during: str = "",
 ) -> WorkerCrashed:
     verdict = death.verdict
     return cls(
         pool=pool, worker_id=death.worker.worker_id, pid=death.worker.pid, method=call.method,
         signal=verdict.signal, exit_code=verdict.exit_code, reason=verdict.explanation,
-        stack=verdict.stack, attempts=call.crashes, hint=hint,
+        stack=verdict.stack, attempts=max(1, call.crashes), hint=hint, during=during,
     )  # fmt: skip

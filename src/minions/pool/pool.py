@@ -5,8 +5,10 @@ owns the worker processes (spawn, hello, death, restart intensity, circuit, recy
 :class:`~minions.pool.dispatcher.Dispatcher` owns the calls (queue, lanes, costs, pipelining,
 quarantine, deadlines, settling a death). Neither reads the other's state: the front routes
 frames from the ROUTER channel to them and forwards their events (a worker became ready, is
-leaving, died; a call overran, a lane drained), and it holds the lifecycle and the metrics of
-``call()``. See ``docs/concepts/worker-pools.md`` ("How a call travels").
+leaving, died; a call overran or was cancelled with ``cancel="kill"``, a lane drained), and it
+holds the lifecycle. The call API (typed ``call``, ``options``, ``map``) and its metrics live in
+:mod:`~minions.pool.calling` and :mod:`~minions.pool.mapping`. See
+``docs/concepts/worker-pools.md`` ("How a call travels").
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from minions.errors import PoolUnavailable, ProtocolError, RemoteError, WorkerCallError
+from minions.errors import PoolUnavailable, ProtocolError, RemoteError
 from minions.ipc import messages as m
 from minions.ipc.channel import RouterChannel
 from minions.ipc.endpoint import Endpoint
@@ -27,43 +29,66 @@ from minions.ipc.service import MethodSpec, describe, load_service
 from minions.ops import metrics
 from minions.ops.levels import MemoryLevel
 from minions.ops.memory import MemoryMonitor
+from minions.pool.calling import (
+    CallFront,
+    Calling,
+    S,
+    bound_service,
+    check_parent_safe,
+    service_path,
+)
 from minions.pool.calls import PendingCall
 from minions.pool.config import PoolConfig
 from minions.pool.dispatcher import Dispatcher
 from minions.pool.events import Death, Settlement, WorkerRef
 from minions.pool.pressure import MemoryPressure, throttle
 from minions.pool.process import Phase, WorkerProcess
-from minions.pool.states import Circuit, PoolSnapshot, PoolState, outcome_label
+from minions.pool.states import Circuit, PoolSnapshot, PoolState
 from minions.pool.supervisor import Supervisor
 from minions.resource import Resource, stop_deadline
 
 log = logging.getLogger("minions.pool")
 
 _TICK_S = 0.05
-_UNKNOWN_METHOD = "<unknown>"  # one metric label for every name the service does not expose
 _STOP_RESERVE_S = 7.0  # of a shutdown deadline, kept for stopping workers (3 escalation steps)
 
 CircuitListener = Callable[["WorkerPool", Circuit], None]
 
 
-class WorkerPool(Resource):
+class WorkerPool(Calling[S], Resource):
     """A supervised pool of worker processes serving one ``WorkerService``.
 
-    Configure by subclassing; every class attribute below maps to a :class:`PoolConfig` field
-    (see it for meanings and defaults)::
+    Configure by subclassing; ``WorkerPool[Service]`` names the service (and lets mypy check
+    every call against its handlers), and every class attribute maps to a :class:`PoolConfig`
+    field (see it for meanings and defaults)::
 
-        class NativePool(WorkerPool):
-            service = "native_demo.service:NativeDemo"
+        class NativePool(WorkerPool[NativeDemo]):
             workers = 2
             retries_on_crash = 1
 
         async with NativePool() as pool:
-            await pool.call("crc32", b"abc")
+            crc: int = await pool.call(NativeDemo.crc32, b"abc")
 
-    Every call ends with a value or one of the errors in :mod:`minions.errors`.
+    ``service = "module:Class"`` names the service by string instead (calls are then checked
+    at run time only). Every call ends with a value or one of the errors in
+    :mod:`minions.errors`.
     """
 
     service: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        bound = bound_service(cls)
+        if bound is None:
+            return
+        path = service_path(bound)
+        declared = cls.__dict__.get("service")
+        if declared and declared != path:
+            raise TypeError(
+                f"{cls.__qualname__} binds WorkerPool[{bound.__qualname__}] but sets service = "
+                f"{declared!r}; drop the service attribute (it is {path!r})"
+            )
+        cls.service = path
 
     def __init__(self, config: PoolConfig | None = None) -> None:
         self.config = config if config is not None else PoolConfig.from_class(type(self))
@@ -76,9 +101,10 @@ class WorkerPool(Resource):
         self._task: asyncio.Task[None] | None = None
         self._specs: dict[str, MethodSpec] = {}
         self._decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {}
-        self._method_metrics: dict[str, tuple[Any, Any]] = {}
         self._circuit_listeners: list[CircuitListener] = []
         self._dispatcher = Dispatcher(self.config, self.name, self._send, self)
+        self._calls = CallFront(self.name, self._dispatcher, self._check_accepting)
+        Calling.__init__(self, self._calls)
         self._supervisor = Supervisor(self.config, self.name, self, self._send)
         self._pressure = MemoryPressure(
             self.config,
@@ -105,6 +131,11 @@ class WorkerPool(Resource):
             raise RuntimeError(f"pool {self.name!r} was already started (state {self._state})")
         self._state = PoolState.STARTING
         self._loop = asyncio.get_running_loop()
+        try:
+            await check_parent_safe(self.name, self.config.service, self.config.boot_timeout_s)
+        except BaseException:
+            self._state = PoolState.CLOSED
+            raise
         self._load_service()
         self._endpoint = Endpoint.create(self.name)
         self._channel = RouterChannel(
@@ -134,20 +165,16 @@ class WorkerPool(Resource):
 
     def _load_service(self) -> None:
         try:
-            self._specs = describe(load_service(self.config.service))
+            cls = load_service(self.config.service)
+            self._specs = describe(cls)
         except (ImportError, AttributeError, TypeError, ValueError) as exc:
             self._state = PoolState.CLOSED
             raise PoolUnavailable(
                 self.name, f"cannot load service {self.config.service!r}: {exc!r}"
             ) from exc
         self._decoders = {n: msgspec.msgpack.Decoder(s.result_type) for n, s in self._specs.items()}
-        self._method_metrics = {
-            n: (
-                metrics.WORKER_CALLS.labels(self.name, n, "ok"),
-                metrics.WORKER_CALL_SECONDS.labels(self.name, n),
-            )
-            for n in self._specs
-        }
+        assert self._loop is not None
+        self._calls.bind(cls, self._specs, self.config, self._loop)
 
     async def _tick_loop(self) -> None:
         """The pool's slow loop: deadlines, then the Supervisor's housekeeping, then gauges."""
@@ -223,53 +250,7 @@ class WorkerPool(Resource):
                     )
         return replaced
 
-    # --- calls ----------------------------------------------------------------------------
-
-    async def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
-        """Run ``method(*args, **kwargs)`` in a worker and return its result.
-
-        Ends with the value or a :class:`~minions.errors.WorkerCallError` subclass; arguments
-        msgspec cannot encode raise ``TypeError`` before anything is dispatched.
-        """
-        started = time.perf_counter()
-        try:
-            value = await self._submit(method, args, kwargs)
-        except WorkerCallError as exc:
-            label = method if method in self._specs else _UNKNOWN_METHOD
-            metrics.WORKER_CALLS.labels(self.name, label, outcome_label(exc)).inc()
-            metrics.WORKER_CALL_SECONDS.labels(self.name, label).observe(
-                time.perf_counter() - started
-            )
-            raise
-        ok, seconds = self._method_metrics[method]  # known: _submit checked the method
-        ok.inc()
-        seconds.observe(time.perf_counter() - started)
-        return value
-
-    async def _submit(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        self._check_accepting()
-        if method not in self._specs:
-            raise RemoteError(
-                kind=m.FailureKind.UNKNOWN_METHOD.value,
-                type_name="LookupError",
-                message=f"unknown method {method!r}; exposed: {sorted(self._specs)}",
-                method=method,
-            )
-        try:
-            encoded_args = m.encoder.encode(args)
-            encoded_kwargs = m.encoder.encode(kwargs) if kwargs else m.EMPTY_MAP
-        except RecursionError:
-            raise TypeError(f"{method}(): arguments nested too deeply to encode") from None
-        assert self._loop is not None
-        call = self._dispatcher.admit(
-            method, encoded_args, encoded_kwargs, self._loop.create_future()
-        )
-        self._dispatcher.dispatch()
-        try:
-            return await call.future
-        except asyncio.CancelledError:
-            self._dispatcher.withdraw(call)  # queued: never runs; sent: its answer is dropped
-            raise
+    # --- calls (the API is calling.Calling's) -------------------------------------------------
 
     def _check_accepting(self) -> None:
         if self._state is not PoolState.RUNNING:
@@ -417,6 +398,9 @@ class WorkerPool(Resource):
 
     def call_overran(self, worker: WorkerRef, call: PendingCall) -> None:
         self._supervisor.kill_overran(worker, call.method, call.timeout_s)
+
+    def call_cancelled(self, worker: WorkerRef, call: PendingCall) -> None:
+        self._supervisor.kill_cancelled(worker, call.method)
 
     def lane_lost(self, worker: WorkerRef) -> None:
         self._supervisor.lose(worker)

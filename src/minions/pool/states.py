@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass
 
@@ -77,11 +78,13 @@ _OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
     (RemoteError, "remote_error"),
     (Overloaded, "overloaded"),
     (PoolUnavailable, "unavailable"),
+    (asyncio.CancelledError, "cancelled"),  # the caller gave up (see WorkerPool.call)
 )
 
 
 def outcome_label(exc: BaseException) -> str:
-    """The bounded ``outcome`` label of ``minions_worker_calls_total`` for a failed call."""
+    """The bounded ``outcome`` label of ``minions_worker_calls_total`` for a call that did not
+    end with a value (``cancelled``: its caller stopped waiting)."""
     for cls, label in _OUTCOMES:
         if isinstance(exc, cls):
             return label

@@ -232,6 +232,20 @@ class Supervisor:
         worker.send_signal(signal.SIGUSR1)  # faulthandler dumps where it is stuck
         self._kill(worker, DeathCause.TIMEOUT, delay=_DUMP_BEFORE_KILL_S)
 
+    def kill_cancelled(self, ref: WorkerRef, method: str) -> None:
+        """The caller of a ``cancel="kill"`` call gave up while it ran: kill its worker. The
+        pool's own doing (``DeathCause.CANCELLED``, planned): replaced at once, counted as a
+        recycle, never toward restart intensity."""
+        worker = self._workers.get(ref.identity)
+        if worker is None or worker.phase in (Phase.KILLED, Phase.DEAD):
+            return
+        log.info(
+            "pool %s: killing worker %d (pid %d): the caller of %s() cancelled it (cancel='kill')",
+            self.pool_name, worker.worker_id, worker.pid, method,
+        )  # fmt: skip
+        metrics.WORKER_RECYCLES.labels(self.pool_name, DeathCause.CANCELLED.value).inc()
+        self._kill(worker, DeathCause.CANCELLED)
+
     def lose(self, ref: WorkerRef) -> None:
         """The worker's socket is gone while its process lingers: kill it, its calls follow."""
         worker = self._workers.get(ref.identity)

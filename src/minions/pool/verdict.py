@@ -30,10 +30,13 @@ class DeathCause(enum.Enum):
     LOST = "lost"  # its socket went away while it still looked alive; the pool killed it
     RECYCLED = "recycled"  # the pool retired it (max calls, RSS, memory pressure)
     STOPPED = "stopped"  # pool shutdown
+    CANCELLED = "cancelled"  # the pool killed it: the caller of a cancel="kill" call gave up
 
     @property
     def planned(self) -> bool:
-        return self in (DeathCause.RECYCLED, DeathCause.STOPPED)
+        """The pool's own doing: not a crash, so no crash metric, no backoff and no count
+        toward restart intensity (a caller cancelling calls must not open the circuit)."""
+        return self in (DeathCause.RECYCLED, DeathCause.STOPPED, DeathCause.CANCELLED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,7 @@ class Verdict:
             DeathCause.LOST: "killed by the pool: its connection was lost",
             DeathCause.RECYCLED: "recycled by the pool",
             DeathCause.STOPPED: "stopped by the pool",
+            DeathCause.CANCELLED: "killed by the pool: its caller cancelled a cancel='kill' call",
         }[self.cause]
 
     def describe(self) -> str:
