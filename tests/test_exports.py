@@ -17,8 +17,8 @@ def test_public_names_are_pinned() -> None:
         "StartResult", "StopResult", "minion_step",
     ]  # fmt: skip
     assert sorted(minions.workers.__all__) == [
-        "Circuit", "MemoryLevel", "PoolConfig", "PoolSnapshot", "PoolState", "WorkerPool",
-        "WorkerService", "expose",
+        "Buffer", "Circuit", "MemoryLevel", "PoolConfig", "PoolSnapshot", "PoolState",
+        "WorkerPool", "WorkerService", "expose",
     ]  # fmt: skip
     for module in (minions, minions.workers):
         for name in module.__all__:

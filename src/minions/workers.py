@@ -4,13 +4,14 @@
 worker processes. Everything else under ``minions.pool`` and ``minions.ipc`` is internal.
 """
 
-from minions.ipc.service import WorkerService, expose
+from minions.ipc.service import Buffer, WorkerService, expose
 from minions.ops.levels import MemoryLevel
 from minions.pool.config import PoolConfig
 from minions.pool.pool import PoolSnapshot, WorkerPool
 from minions.pool.states import Circuit, PoolState
 
 __all__ = [
+    "Buffer",
     "Circuit",
     "MemoryLevel",
     "PoolConfig",

@@ -13,11 +13,27 @@ import inspect
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NewType, TypeVar
 
 import msgspec
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+Buffer = NewType("Buffer", memoryview)
+Buffer.__doc__ = """Annotate a handler parameter with ``Buffer`` to receive a big bytes-like
+argument without a copy: a writable ``memoryview`` of the worker's shared-memory arena.
+
+The view is valid **during the call only**: the arena space is reused once the call ends, so do
+not keep it (or a NumPy array made from it) past the handler's return; the worker releases it
+then, and a kept ``memoryview`` raises ``ValueError`` on use. Copy what must outlive the call
+(``bytes(view)``). A handler may fill the view in place and return it: the result then travels
+back without any copy in the worker. Small arguments (below the pool's ``arena_min_bytes``)
+arrive as a ``memoryview`` of the message instead, which stays valid.
+
+As a return annotation, ``Buffer`` says the result is bytes-like: return ``bytes``, a
+``memoryview``, a NumPy array or any other buffer; it is copied once into the arena, or not at
+all if it already lies there. The caller receives a ``memoryview`` of its own private copy.
+"""
 
 _EXPOSED = "__minions_exposed__"
 

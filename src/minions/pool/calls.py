@@ -5,28 +5,41 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from minions.ipc.payload import Request
 
 
 class PendingCall:
-    """One ``pool.call``: encoded once, possibly sent to several workers if crashes are retried.
+    """One ``pool.call``: encoded once (``request``), possibly sent to several workers if
+    crashes are retried.
 
     Lives in the Dispatcher's queue, then in exactly one worker's lane, until its future is
-    resolved. ``crashes`` counts workers this call was running on when they died.
+    resolved. ``crashes`` counts workers this call was running on when they died. ``region`` is
+    the offset of its buffers in that worker's arena while it holds space there.
     """
 
     __slots__ = (
-        "args", "call_id", "crashes", "expected_s", "future", "kwargs", "method", "submitted_at",
-        "timeout_s",
+        "args", "call_id", "crashes", "expected_s", "future", "kwargs", "method", "region",
+        "request", "submitted_at", "timeout_s",
     )  # fmt: skip
 
     def __init__(
-        self, call_id: int, method: str, args: bytes, kwargs: bytes, future: asyncio.Future[Any]
+        self,
+        call_id: int,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        future: asyncio.Future[Any],
+        request: Request,
     ) -> None:
         self.call_id = call_id
         self.method = method
         self.args = args
         self.kwargs = kwargs
+        self.request = request
+        self.region: int | None = None
         self.future = future
         self.crashes = 0
         self.expected_s = 0.0  # predicted run time when sent; see Dispatcher._pick_lane
@@ -35,7 +48,7 @@ class PendingCall:
 
     @property
     def fingerprint(self) -> bytes:
-        return fingerprint(self.method, self.args, self.kwargs)
+        return fingerprint(self.method, *self.request.encoded_arguments())
 
     def resolve(self, value: Any) -> None:
         if not self.future.done():

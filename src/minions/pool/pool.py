@@ -21,8 +21,10 @@ import msgspec
 
 from minions.errors import PoolUnavailable, ProtocolError, RemoteError, WorkerCallError
 from minions.ipc import messages as m
+from minions.ipc.arena import ArenaError
 from minions.ipc.channel import RouterChannel
 from minions.ipc.endpoint import Endpoint
+from minions.ipc.payload import read_result
 from minions.ipc.service import MethodSpec, describe, load_service
 from minions.ops import metrics
 from minions.ops.levels import MemoryLevel
@@ -248,15 +250,8 @@ class WorkerPool(Resource):
                 message=f"unknown method {method!r}; exposed: {sorted(self._specs)}",
                 method=method,
             )
-        try:
-            encoded_args = m.encoder.encode(args)
-            encoded_kwargs = m.encoder.encode(kwargs) if kwargs else m.EMPTY_MAP
-        except RecursionError:
-            raise TypeError(f"{method}(): arguments nested too deeply to encode") from None
         assert self._loop is not None
-        call = self._dispatcher.admit(
-            method, encoded_args, encoded_kwargs, self._loop.create_future()
-        )
+        call = self._dispatcher.admit(method, args, kwargs, self._loop.create_future())
         self._dispatcher.dispatch()
         try:
             return await call.future
@@ -309,8 +304,10 @@ class WorkerPool(Resource):
             case m.Result():
                 call = self._take(worker, msg.call_id)
                 if call is not None:
-                    self._resolve(call, msg.value)
+                    self._resolve(worker, call, msg)
                     return 1
+                if msg.buffer is not None and worker.arena is not None:
+                    worker.arena.discard()  # nobody reads it, but the worker may reuse the space
             case m.Failure():
                 call = self._take(worker, msg.call_id)
                 if call is not None:
@@ -337,9 +334,22 @@ class WorkerPool(Resource):
             self._count_bad_frame("unexpected")
         return call
 
-    def _resolve(self, call: PendingCall, raw: msgspec.Raw) -> None:
+    def _resolve(self, worker: WorkerProcess, call: PendingCall, result: m.Result) -> None:
         try:
-            value = self._decoders[call.method].decode(raw)
+            if result.buffer is None:
+                value = self._decoders[call.method].decode(result.value)
+            else:
+                declared = self._specs[call.method].result_type
+                value = read_result(worker.arena, result.buffer, declared)
+        except ArenaError as exc:  # never read: the reference lies outside the arena
+            log.warning("pool %s: worker %d: %r", self.name, worker.worker_id, exc)
+            self._count_bad_frame("reference")
+            call.fail(
+                RemoteError(
+                    kind="invalid-result", type_name="ProtocolError", message=str(exc),
+                    method=call.method, worker_id=worker.worker_id,
+                )
+            )  # fmt: skip
         except Exception as exc:  # ValidationError, DecodeError, RecursionError: never escapes
             call.fail(
                 RemoteError(
@@ -349,8 +359,8 @@ class WorkerPool(Resource):
                     method=call.method,
                 )
             )
-            return
-        call.resolve(value)
+        else:
+            call.resolve(value)
 
     def _undecodable(self, worker: WorkerProcess, exc: Exception) -> int:
         """A frame from one of our workers did not decode. Workers answer strictly in order and
