@@ -28,9 +28,10 @@ PROTOCOL_VERSION = 3
 #: msgpack encoding of an empty map: the ``kwargs`` of a call that has none.
 EMPTY_MAP = b"\x80"
 
-#: Frames at least this big are sent zero-copy (ZeroMQ keeps a reference instead of copying);
-#: below it the copy is cheaper than the bookkeeping (measured: docs/deployment/performance.md).
-ZERO_COPY_MIN_BYTES = 65536
+#: Frames at least this big are sent zero-copy (ZeroMQ keeps a reference instead of copying).
+#: Below it the copy is cheaper than zero-copy's tracker and the wake-ups of pyzmq's garbage
+#: thread, which compete with the event loop for the GIL (``benchmarks/thresholds.py``).
+ZERO_COPY_MIN_BYTES = 512 * 1024
 
 
 class FailureKind(enum.Enum):

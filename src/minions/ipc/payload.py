@@ -59,6 +59,32 @@ def byte_view(value: Any, min_bytes: int) -> memoryview | None:
     return view if view.nbytes >= min_bytes else None
 
 
+def _find_buffers(
+    args: tuple[Any, ...], kwargs: dict[str, Any], min_bytes: int
+) -> list[tuple[Slot, memoryview]] | None:
+    """The arguments that go to the arena, by slot; ``None`` for most calls, cheaply."""
+    plain = _PLAIN
+    for value in args:
+        if type(value) not in plain:
+            break
+    else:
+        if not kwargs:
+            return None
+    found: list[tuple[Slot, memoryview]] | None = None
+    for i, value in enumerate(args):
+        if type(value) not in _PLAIN and (view := byte_view(value, min_bytes)) is not None:
+            found = found or []
+            found.append((i, view))
+    for name, value in kwargs.items():
+        if type(value) not in _PLAIN and (view := byte_view(value, min_bytes)) is not None:
+            found = found or []
+            found.append((name, view))
+    return found
+
+
+_NO_SKELETON = (b"", b"")
+
+
 def _aligned(n: int) -> int:
     return max(ALIGN, -(-n // ALIGN) * ALIGN)
 
@@ -91,42 +117,24 @@ class Request:
         self.kwargs = kwargs
         self.slots: tuple[Slot, ...] = ()
         self.views: tuple[memoryview, ...] = ()
-        self.nbytes = 0
-        self.skeleton = (b"", b"")
-        self.message = b""  # the whole Call, unless its buffers go to an arena
-        if max_bytes:
-            self._find_buffers(min_bytes)
-        if self.views and self.nbytes <= max_bytes:
-            positional = list(args)
-            keywords = dict(kwargs)
-            for slot in self.slots:
-                if isinstance(slot, int):
-                    positional[slot] = None
-                else:
-                    keywords[slot] = None
-            self.skeleton = (
-                _encode(positional),
-                _encode(keywords) if keywords else m.EMPTY_MAP,
-            )
-        else:
-            self.slots, self.views, self.nbytes = (), (), 0
-            self.message = self.inline(call_id, method)
-
-    def _find_buffers(self, min_bytes: int) -> None:
-        slots: list[Slot] = []
-        views: list[memoryview] = []
-        for i, value in enumerate(self.args):
-            view = byte_view(value, min_bytes)
-            if view is not None:
-                slots.append(i)
-                views.append(view)
-        for name, value in self.kwargs.items():
-            view = byte_view(value, min_bytes)
-            if view is not None:
-                slots.append(name)
-                views.append(view)
-        self.slots, self.views = tuple(slots), tuple(views)
-        self.nbytes = sum(_aligned(v.nbytes) for v in views)
+        found = _find_buffers(args, kwargs, min_bytes) if max_bytes else None
+        nbytes = sum(_aligned(v.nbytes) for _, v in found) if found else 0
+        if not found or nbytes > max_bytes:  # the common case: the whole call is one message
+            self.nbytes, self.skeleton = 0, _NO_SKELETON
+            self.message = _encode(m.CallOut(call_id, method, args, kwargs or {}))
+            return
+        self.message = b""
+        self.slots = tuple(slot for slot, _ in found)
+        self.views = tuple(view for _, view in found)
+        self.nbytes = nbytes
+        positional = list(args)
+        keywords = dict(kwargs)
+        for slot in self.slots:
+            if isinstance(slot, int):
+                positional[slot] = None
+            else:
+                keywords[slot] = None
+        self.skeleton = (_encode(positional), _encode(keywords) if keywords else m.EMPTY_MAP)
 
     def inline(self, call_id: int, method: str) -> bytes:
         """The whole call as one message, buffers included (no arena, or too big for it)."""

@@ -119,6 +119,7 @@ class Dispatcher:
         size = arena_size(config.arena_mb)
         requests = halves(size)[0] if size else (0, 0)
         self._arena_max = requests[1] - requests[0]  # the most one call may put in an arena
+        self._arena_min = config.arena_min_bytes
 
     # --- admission ---------------------------------------------------------------------------
 
@@ -134,9 +135,7 @@ class Dispatcher:
                 self.pool_name, f"the dispatch queue is full (max_queue={self.config.max_queue})"
             )
         call_id = next(self._ids)
-        request = Request(
-            call_id, method, args, kwargs, self.config.arena_min_bytes, self._arena_max
-        )
+        request = Request(call_id, method, args, kwargs, self._arena_min, self._arena_max)
         if self._quarantine:
             self._check_quarantine(method, request)
         call = PendingCall(call_id, method, args, kwargs, future, request)
@@ -216,7 +215,7 @@ class Dispatcher:
             lane = self._pick_lane(depth, window - expected)
             if lane is None:
                 break
-            frame = self._frame(lane, call)
+            frame = call.request.message or self._frame(lane, call)  # b"": buffers to place
             if frame is None:
                 break  # its buffers wait for room in that worker's arena
             queue.popleft()
@@ -234,11 +233,9 @@ class Dispatcher:
                 self._events.lane_lost(lane.worker)
 
     def _frame(self, lane: Lane, call: PendingCall) -> bytes | None:
-        """The message that sends ``call`` to ``lane``, its buffers copied into the worker's
+        """The message that sends a call with arena buffers to ``lane``, copied into the worker's
         arena; ``None`` if they do not fit beside what the lane already holds there."""
         request = call.request
-        if not request.views:
-            return request.message
         arena, ring = lane.worker.arena, lane.ring
         if arena is None or ring is None:  # a worker without an arena gets the whole message
             return request.inline(call.call_id, call.method)
