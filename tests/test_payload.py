@@ -58,9 +58,9 @@ def arenas_mapped(pid: int) -> set[str]:
     return {line.split(maxsplit=5)[5] for line in lines if ARENA_TAG in line}
 
 
-def arena_fds(pid: int) -> dict[str, bool]:
-    """The arena descriptors ``pid`` holds (each mapping keeps one), by name: close-on-exec?"""
-    out = {}
+def arena_fds(pid: int) -> list[tuple[str, bool]]:
+    """The arena descriptors ``pid`` holds (each mapping keeps one): (name, close-on-exec?)."""
+    out = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
@@ -69,8 +69,8 @@ def arena_fds(pid: int) -> dict[str, bool]:
             continue
         if ARENA_TAG in target:
             flags = int(info.split("flags:")[1].split()[0], 8)
-            out[target] = bool(flags & 0o2000000)  # O_CLOEXEC
-    return out
+            out.append((target, bool(flags & 0o2000000)))  # O_CLOEXEC
+    return sorted(out)
 
 
 def the_arena(pool: WorkerPool) -> ParentArena:
@@ -299,10 +299,10 @@ def test_each_worker_maps_only_its_own_arena_and_nothing_survives_the_pool() -> 
                 await pool.call("echo", pattern(BIG))
             ours = arenas_mapped(me)
             pids = pool.worker_pids()
-            assert len(ours) == 2 and arena_fds(me) == dict.fromkeys(ours, True)
+            assert len(ours) == 2 and arena_fds(me) == [(name, True) for name in sorted(ours)]
             for pid in pids:
                 (theirs,) = arenas_mapped(pid)
-                assert theirs in ours and list(arena_fds(pid)) == [theirs]
+                assert theirs in ours and arena_fds(pid) == [(theirs, True)]
             with pytest.raises(WorkerCrashed) as info:
                 await pool.call("segfault", pattern(BIG))
             victim = info.value.pid
@@ -311,10 +311,13 @@ def test_each_worker_maps_only_its_own_arena_and_nothing_survives_the_pool() -> 
             survivor = next(p for p in pool.worker_pids() if p != victim)
             now = arenas_mapped(me)
             assert len(now) == 2 and now & ours == arenas_mapped(survivor)
-            assert set(arena_fds(me)) == now
+            assert arena_fds(me) == [(name, True) for name in sorted(now)]
             for pid in pool.worker_pids():
-                assert set(arena_fds(pid)) == arenas_mapped(pid) and len(arenas_mapped(pid)) == 1
+                (theirs,) = arenas_mapped(pid)
+                assert arena_fds(pid) == [(theirs, True)]
         assert not arenas_mapped(me) and not arena_fds(me)
+
+    run(scenario())
 
 
 def test_the_arena_counts_in_the_memory_monitors_picture() -> None:
