@@ -244,6 +244,22 @@ def test_arena_space_is_reclaimed_however_the_call_ends(
     run(scenario())
 
 
+def test_the_result_of_a_cancelled_call_is_not_read_and_its_space_comes_back() -> None:
+    async def scenario() -> None:
+        async with PayloadPool() as pool:
+            arena = the_arena(pool)
+            consumed = arena.consumed
+            task = await dispatched(pool.call("echo", pattern(BIG)))
+            task.cancel()  # the worker runs it anyway; its answer has nobody to go to
+            assert await pool._wait_until(lambda: held(pool) == 0, 10)  # the answer came
+            assert arena.consumed == consumed + 1  # counted as consumed, so the worker reuses it
+            for _ in range(3 * (arena.size // BIG)):
+                assert await pool.call("echo", pattern(BIG)) == pattern(BIG)
+            assert arena.consumed == consumed + 1 + 3 * (arena.size // BIG)
+
+    run(scenario())
+
+
 def test_a_retried_call_brings_its_buffer_to_the_fresh_worker(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with RetryPayloadPool() as pool:

@@ -303,11 +303,11 @@ class WorkerPool(Resource):
         match msg:
             case m.Result():
                 call = self._take(worker, msg.call_id)
-                if call is not None:
+                if call is not None and not call.future.done():
                     self._resolve(worker, call, msg)
-                    return 1
-                if msg.buffer is not None and worker.arena is not None:
-                    worker.arena.discard()  # nobody reads it, but the worker may reuse the space
+                elif msg.buffer is not None and worker.arena is not None:
+                    worker.arena.discard()  # nobody reads it; the worker may reuse the space
+                return 0 if call is None else 1
             case m.Failure():
                 call = self._take(worker, msg.call_id)
                 if call is not None:
