@@ -254,7 +254,8 @@ def _reset_peak(pid: int) -> None:
 
 
 async def peak_rss(factory: Callable[[], Contender], mode: str, data: bytes) -> tuple[str, ...]:
-    """(name, parent peak, worker peak) above their RSS before the call, in payloads."""
+    """(name, parent peak, worker peak, seconds): peaks above the RSS before the call, in
+    payloads, and how long the call took."""
     c = factory()
     await c.start()
     try:
@@ -264,14 +265,16 @@ async def peak_rss(factory: Callable[[], Contender], mode: str, data: bytes) -> 
         for pid in pids:
             _reset_peak(pid)
         base = {pid: _status_kib(pid, "VmRSS") for pid in pids}
+        t0 = time.perf_counter()
         got = await asyncio.wait_for(c.call(mode, data), STEP_TIMEOUT_S)
+        seconds = time.perf_counter() - t0
         assert (got == len(data)) if mode == "len" else (len(got) == len(data))
         del got
         peak = {pid: (_status_kib(pid, "VmHWM") - base[pid]) * KiB / len(data) for pid in pids}
     finally:
         await c.close()
     worker = max((peak[p] for p in kids), default=0.0)
-    return c.name, f"{peak[me]:.2f}", f"{worker:.2f}" if kids else "-"
+    return c.name, f"{peak[me]:.2f}", f"{worker:.2f}" if kids else "-", f"{seconds:.3f}"
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -361,13 +364,14 @@ async def amain(args: argparse.Namespace) -> None:
         f"pools of 2 workers (arena_mb={ARENA_MB:g}), floors of 1 child"
     )
     t0 = time.perf_counter()
-    cs = await start_all(factories)
-    try:
-        results = await run_rounds(cs, args.rounds, args.quick, sizes)
-    finally:
-        for c in reversed(cs):
-            await c.close()
-    print_tables(results, [c.name for c in cs], sizes)
+    if not args.rss_only:
+        cs = await start_all(factories)
+        try:
+            results = await run_rounds(cs, args.rounds, args.quick, sizes)
+        finally:
+            for c in reversed(cs):
+                await c.close()
+        print_tables(results, [c.name for c in cs], sizes)
     if not args.no_rss:
         print(f"\npeak RSS during one {_size(RSS_SIZE)} call, above RSS before it, in payloads\n")
         rss = contenders(RSS_SIZE) | {
@@ -375,13 +379,13 @@ async def amain(args: argparse.Namespace) -> None:
             "minions-frames": lambda: Minions("minions (default arena: frames)", 64.0),
         }
         data = os.urandom(MiB) * (RSS_SIZE // MiB)
-        print(f"{'contender':<34}{'mode':>6}{'parent':>9}{'worker':>9}")
+        print(f"{'contender':<34}{'mode':>6}{'parent':>9}{'worker':>9}{'call s':>9}")
         for key in ("floor", "shm", "ppe", "loky", "pebble", "minions", "minions-frames"):
             if key not in args.only and not key.startswith("minions"):
                 continue
             for mode in MODES:
-                name, parent, worker = await peak_rss(rss[key], mode, data)
-                print(f"{name:<34}{mode:>6}{parent:>9}{worker:>9}")
+                name, parent, worker, seconds = await peak_rss(rss[key], mode, data)
+                print(f"{name:<34}{mode:>6}{parent:>9}{worker:>9}{seconds:>9}")
             progress(f"peak RSS of {key} done")
     print(f"\ntotal wall time {time.perf_counter() - t0:.1f}s")
 
@@ -394,6 +398,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(names), help=f"subset of {','.join(names)}")
     parser.add_argument("--max-mib", type=int, default=64, help="largest payload, MiB")
     parser.add_argument("--no-rss", action="store_true", help="skip the 256 MiB peak RSS table")
+    parser.add_argument("--rss-only", action="store_true", help="only the peak RSS table")
     args = parser.parse_args(argv)
     args.only = [n.strip() for n in args.only.split(",") if n.strip()]
     if unknown := set(args.only) - set(names):

@@ -213,7 +213,7 @@ def _serve(
     heartbeat = m.encoder.encode(m.Heartbeat())
     while True:
         try:
-            frames = sock.recv_multipart()
+            frames = sock.recv_multipart(copy=False)  # a big message is not copied out again
         except zmq.Again:
             if os.getppid() != args.parent_pid:
                 os._exit(ORPHANED_EXIT)
@@ -221,7 +221,7 @@ def _serve(
             continue
         for frame in frames:
             try:
-                msg = m.worker_decoder.decode(frame)
+                msg = m.worker_decoder.decode(frame.buffer)
             except Exception as exc:  # DecodeError, ValidationError, RecursionError
                 error = ProtocolError(f"undecodable frame from the pool: {exc}")
                 print(f"minions worker {args.worker_id}: dropped {error!r}", file=sys.stderr)
