@@ -105,7 +105,7 @@ class Executor:
 
 
 def _ppe() -> Executor:
-    return Executor("ProcessPoolExecutor", lambda: concurrent.futures.ProcessPoolExecutor(2))
+    return Executor("PPE", lambda: concurrent.futures.ProcessPoolExecutor(2))
 
 
 def _loky() -> Executor:
@@ -157,8 +157,8 @@ def contenders(max_bytes: int) -> dict[str, Callable[[], Contender]]:
         "floor": lambda: FramesFloor(max_bytes),
         "shm": lambda: ShmFloor(max_bytes),
         "minions": lambda: Minions("minions", ARENA_MB),
-        "minions-bytes": lambda: Minions("minions (bytes handler)", ARENA_MB, "_bytes"),
-        "minions-frames": lambda: Minions("minions (arena off)", 0),
+        "minions-bytes": lambda: Minions("minions bytes", ARENA_MB, "_bytes"),
+        "minions-frames": lambda: Minions("minions no arena", 0),
     }
 
 
@@ -309,9 +309,11 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def print_ratios(results: Results, sizes: list[int]) -> None:
-    ppe, shm, mn = "ProcessPoolExecutor", "shm floor", "minions"
-    print(f"\n{mn}: speed relative to ProcessPoolExecutor and to the shm floor (time ratios)\n")
-    head = f"{'payload':>8}{'mode':>6}{'flight':>7}{'x PPE':>9}{'/ shm floor':>13}{'x frames':>10}"
+    ppe, shm, mn = "PPE", "shm floor", "minions"
+    print(f"\n{mn}: how many times faster than PPE and than itself without an arena; its time")
+    print("over the shm floor's (lower is better)\n")
+    head = f"{'payload':>8}{'mode':>6}{'flight':>7}{'x PPE':>9}{'/ shm floor':>13}"
+    head += f"{'x no arena':>11}"
     print(head)
     print("-" * len(head))
     for n in sizes:
@@ -322,7 +324,7 @@ def print_ratios(results: Results, sizes: list[int]) -> None:
                 print(
                     f"{_size(n):>8}{mode:>6}{fl:>7}{_ratio(t, results.median(ppe, cell)):>9}"
                     f"{_ratio(results.median(shm, cell), t):>13}"
-                    f"{_ratio(t, results.median('minions (arena off)', cell)):>10}"
+                    f"{_ratio(t, results.median('minions no arena', cell)):>11}"
                 )
     print("\ntargets (one call in flight):")
     for n, goal in ((16 * MiB, 10.0), (1 * MiB, 3.0)):
@@ -375,8 +377,8 @@ async def amain(args: argparse.Namespace) -> None:
     if not args.no_rss:
         print(f"\npeak RSS during one {_size(RSS_SIZE)} call, above RSS before it, in payloads\n")
         rss = contenders(RSS_SIZE) | {
-            "minions": lambda: Minions("minions (arena_mb=600)", 600.0),
-            "minions-frames": lambda: Minions("minions (default arena: frames)", 64.0),
+            "minions": lambda: Minions("minions, arena_mb=600", 600.0),
+            "minions-frames": lambda: Minions("minions, arena_mb=64 (frames)", 64.0),
         }
         data = os.urandom(MiB) * (RSS_SIZE // MiB)
         print(f"{'contender':<34}{'mode':>6}{'parent':>9}{'worker':>9}{'call s':>9}")

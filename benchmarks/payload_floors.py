@@ -122,7 +122,7 @@ class _Floor:
 
 
 class FramesFloor(_Floor):
-    name = "raw floor (frames)"
+    name = "frames floor"
     kind = "frames"
 
     async def call(self, mode: str, data: bytes) -> Any:
