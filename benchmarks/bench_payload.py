@@ -158,7 +158,7 @@ def contenders(max_bytes: int) -> dict[str, Callable[[], Contender]]:
         "shm": lambda: ShmFloor(max_bytes),
         "minions": lambda: Minions("minions", ARENA_MB),
         "minions-bytes": lambda: Minions("minions bytes", ARENA_MB, "_bytes"),
-        "minions-frames": lambda: Minions("minions no arena", 0),
+        "minions-frames": lambda: Minions("minions frames", 0),
     }
 
 
@@ -310,10 +310,10 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def print_ratios(results: Results, sizes: list[int]) -> None:
     ppe, shm, mn = "PPE", "shm floor", "minions"
-    print(f"\n{mn}: how many times faster than PPE and than itself without an arena; its time")
+    print(f"\n{mn}: how many times faster than PPE and than `minions frames`; its time")
     print("over the shm floor's (lower is better)\n")
     head = f"{'payload':>8}{'mode':>6}{'flight':>7}{'x PPE':>9}{'/ shm floor':>13}"
-    head += f"{'x no arena':>11}"
+    head += f"{'x frames':>11}"
     print(head)
     print("-" * len(head))
     for n in sizes:
@@ -324,7 +324,7 @@ def print_ratios(results: Results, sizes: list[int]) -> None:
                 print(
                     f"{_size(n):>8}{mode:>6}{fl:>7}{_ratio(t, results.median(ppe, cell)):>9}"
                     f"{_ratio(results.median(shm, cell), t):>13}"
-                    f"{_ratio(t, results.median('minions no arena', cell)):>11}"
+                    f"{_ratio(t, results.median('minions frames', cell)):>11}"
                 )
     print("\ntargets (one call in flight):")
     for n, goal in ((16 * MiB, 10.0), (1 * MiB, 3.0)):
