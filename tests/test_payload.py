@@ -8,11 +8,14 @@ import array
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import zlib
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from conftest import run
@@ -334,6 +337,64 @@ def test_each_worker_maps_only_its_own_arena_and_nothing_survives_the_pool() -> 
         assert not arenas_mapped(me) and not arena_fds(me)
 
     run(scenario())
+
+
+KILLED_PARENT = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+from minions.workers import WorkerPool
+
+class KilledPool(WorkerPool):
+    service = "payload_services:Payloads"
+    workers = 2
+
+async def main():
+    async with KilledPool() as pool:
+        await asyncio.gather(*(pool.call("echo", bytes(1 << 20)) for _ in range(4)))
+        print(" ".join(map(str, pool.worker_pids())), flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def _mapping_arena(name: str) -> list[int]:
+    """Every process on this machine that still maps an arena whose name contains ``name``."""
+    holders = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if name in (entry / "maps").read_text():
+                    holders.append(int(entry.name))
+            except OSError:
+                continue
+    return holders
+
+
+def test_a_sigkilled_parent_leaves_no_arena_anywhere() -> None:
+    """Gru SIGKILLed with busy workers: the workers exit by themselves, and with the last process
+    mapping it each memfd is gone; nothing was ever in /dev/shm to leave behind."""
+    shm_before = set(os.listdir("/dev/shm"))
+    parent = subprocess.Popen(
+        [sys.executable, "-c", KILLED_PARENT, str(Path(__file__).parent)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        workers = [psutil.Process(int(p)) for p in parent.stdout.readline().split()]
+        assert len(workers) == 2
+        tag = f"{ARENA_TAG}:KilledPool:"
+        assert set(_mapping_arena(tag)) == {parent.pid, *(w.pid for w in workers)}
+        parent.kill()
+        parent.wait(timeout=10)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"workers outlived their parent: {alive}"
+        assert _mapping_arena(tag) == []
+        assert {n for n in os.listdir("/dev/shm") if "minions" in n} <= shm_before
+    finally:
+        parent.kill()
+        parent.wait()
 
 
 def test_the_arena_counts_in_the_memory_monitors_picture() -> None:
