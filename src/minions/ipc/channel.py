@@ -6,6 +6,8 @@ machine, because there is no future per recv. The FD is edge-triggered and only 
 state changed", so (1) on wake we drain with non-blocking recv until ``zmq.Again``, and (2) after
 every send we schedule one more drain, since a send can consume the edge that announced incoming
 messages. Frames are handed to the owner whole; decoding and authentication are the owner's job.
+Frames of ``ZERO_COPY_MIN_BYTES`` or more are sent zero-copy (ZeroMQ holds a reference to the
+immutable bytes until its I/O thread has written them); smaller ones are cheaper to copy.
 """
 
 from __future__ import annotations
