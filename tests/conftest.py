@@ -1,7 +1,8 @@
 """Shared test plumbing: an event-loop runner and the no-orphans guarantee.
 
 Every test has a timeout (pytest-timeout, set in pyproject.toml). After each test module, and
-once at the end of the session, no child process of the test run may be left alive.
+once at the end of the session, no child process of the test run may be left alive, and the
+test process may map no worker's shared-memory arena.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
@@ -52,3 +54,6 @@ def _no_orphans_per_module() -> Iterator[None]:
     for p in alive:
         p.kill()
     assert not leftovers, f"child processes left behind by this module: {leftovers}"
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    arenas = {line.split(maxsplit=5)[-1] for line in maps if "memfd:minions-arena" in line}
+    assert not arenas, f"worker arenas left mapped by this module: {sorted(arenas)}"

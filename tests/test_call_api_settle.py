@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 
 from minions.errors import CallTimeout, PoolUnavailable, WorkerCrashed
-from minions.ipc import messages as m
 from minions.pool.calls import CallOptions, CallPolicy
 from minions.pool.config import PoolConfig
 from minions.pool.dispatcher import Dispatcher
@@ -64,7 +63,7 @@ def _dispatcher(retries: int = 1) -> tuple[Dispatcher, FakeWorkers]:
 
 def _admit(d: Dispatcher, tag: str, policy: CallPolicy | None = None) -> Any:
     future = asyncio.get_running_loop().create_future()
-    return d.admit("m", m.encoder.encode([tag]), m.EMPTY_MAP, future, policy)
+    return d.admit("m", (tag,), {}, future, policy)
 
 
 def _setup(policy: CallPolicy) -> tuple[Dispatcher, dict[str, Any]]:

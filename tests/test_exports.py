@@ -18,7 +18,7 @@ def test_public_names_are_pinned() -> None:
         "resource_id",
     ]  # fmt: skip
     assert sorted(minions.workers.__all__) == [
-        "Caller", "Circuit", "MemoryLevel", "PoolConfig", "PoolSnapshot", "PoolState",
+        "Buffer", "Caller", "Circuit", "MemoryLevel", "PoolConfig", "PoolSnapshot", "PoolState",
         "ResultStream", "WorkerPool", "WorkerService", "expose",
     ]  # fmt: skip
     for module in (minions, minions.workers):

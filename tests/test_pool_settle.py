@@ -57,13 +57,10 @@ def _setup(retries: int) -> tuple[Dispatcher, dict[str, Any], FakeWorkers]:
     d = Dispatcher(cfg, "T", fake.send, fake)
     loop = asyncio.get_running_loop()
     d.open_lane(A)
-    warm = d.admit("m", b"\x90", m.EMPTY_MAP, loop.create_future())
+    warm = d.admit("m", (), {}, loop.create_future())
     d.dispatch()
     assert d.take(A.identity, warm.call_id) is warm  # the method's cost is now measured
-    calls = {
-        name: d.admit("m", m.encoder.encode([name]), m.EMPTY_MAP, loop.create_future())
-        for name in POSITIONS
-    }
+    calls = {name: d.admit("m", (name,), {}, loop.create_future()) for name in POSITIONS}
     d.dispatch()
     owed, running = d.describe_lane(A.identity, calls["running"].call_id)
     assert (owed, running, d.queue_depth) == (3, "m", 1)  # really pipelined, one really queued
@@ -167,7 +164,7 @@ def test_a_retried_crash_that_crashes_again_is_poison_and_quarantined() -> None:
         assert isinstance(error, PoisonCall) and error.attempts == 2
         assert [_outcome(calls[n]) for n in ("answered", "behind", "queued")] == ["pending"] * 3
         with pytest.raises(PoisonCall, match="fail fast"):
-            d.admit("m", calls["running"].args, m.EMPTY_MAP, loop.create_future())
+            d.admit("m", calls["running"].args, {}, loop.create_future())
         assert fake.lost == []
 
     asyncio.run(scenario())

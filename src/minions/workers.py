@@ -6,7 +6,7 @@ worker processes. ``Caller`` (what ``pool.options(...)`` returns) and ``ResultSt
 and ``minions.ipc`` is internal.
 """
 
-from minions.ipc.service import WorkerService, expose
+from minions.ipc.service import Buffer, WorkerService, expose
 from minions.ops.levels import MemoryLevel
 from minions.pool.calling import Caller
 from minions.pool.config import PoolConfig
@@ -15,6 +15,7 @@ from minions.pool.pool import PoolSnapshot, WorkerPool
 from minions.pool.states import Circuit, PoolState
 
 __all__ = [
+    "Buffer",
     "Caller",
     "Circuit",
     "MemoryLevel",

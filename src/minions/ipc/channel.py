@@ -6,6 +6,8 @@ machine, because there is no future per recv. The FD is edge-triggered and only 
 state changed", so (1) on wake we drain with non-blocking recv until ``zmq.Again``, and (2) after
 every send we schedule one more drain, since a send can consume the edge that announced incoming
 messages. Frames are handed to the owner whole; decoding and authentication are the owner's job.
+Frames of ``ZERO_COPY_MIN_BYTES`` or more are sent zero-copy (ZeroMQ holds a reference to the
+immutable bytes until its I/O thread has written them); smaller ones are cheaper to copy.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Callable
 
 import zmq
 
+from minions.ipc import messages as m
+
 log = logging.getLogger("minions.ipc")
 
 _DRAIN_BATCH = 256  # messages handled per loop callback before yielding to other tasks
@@ -25,6 +29,7 @@ _SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _RCVMORE = int(zmq.RCVMORE)
+_ZERO_COPY_MIN = m.ZERO_COPY_MIN_BYTES
 
 
 def _pending_input(sock: zmq.Socket[bytes]) -> int:
@@ -79,7 +84,9 @@ class RouterChannel:
             sock.send(identity, _SEND_MORE)
             last = len(payloads) - 1
             for i, payload in enumerate(payloads):
-                sock.send(payload, _NOBLOCK if i == last else _SEND_MORE)
+                flags = _NOBLOCK if i == last else _SEND_MORE
+                # big frames zero-copy: ZeroMQ keeps a reference (the bytes are immutable)
+                sock.send(payload, flags, copy=len(payload) < _ZERO_COPY_MIN)
         except zmq.ZMQError as exc:
             if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 return False

@@ -19,13 +19,30 @@ import sys
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar, overload
+from typing import Any, ClassVar, NewType, TypeVar, overload
 
 import msgspec
 
 from minions._importing import import_object
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+Buffer = NewType("Buffer", memoryview)
+Buffer.__doc__ = """Annotate a handler parameter with ``Buffer`` to receive a big bytes-like
+argument without a copy: a ``memoryview`` of the worker's shared-memory arena, writable.
+
+The view is valid **during the call only**: the arena space is reused once the call ends, so do
+not keep it (or a NumPy array made from it) past the handler's return; the worker releases it
+then, and a kept ``memoryview`` raises ``ValueError`` on use. Copy what must outlive the call
+(``bytes(view)``). A handler may fill the view in place and return it: the result then travels
+back without any copy in the worker. Small arguments (below the pool's ``arena_min_bytes``)
+arrive as a read-only ``memoryview`` of the message instead, which stays valid; check
+``view.readonly`` before writing to it.
+
+As a return annotation, ``Buffer`` says the result is bytes-like: return ``bytes``, a
+``memoryview``, a NumPy array or any other buffer; it is copied once into the arena, or not at
+all if it already lies there. The caller receives a ``memoryview`` of its own private copy.
+"""
 
 _EXPOSED = "__minions_exposed__"
 

@@ -148,15 +148,11 @@ class CallFront:
         self._check_accepting()
         name = self._lookup(method) or self.name_of(method)
         policy = self._policies[name] if options is None else self.policy(name, options)
-        try:
-            encoded_args = m.encoder.encode(args)
-            encoded_kwargs = m.encoder.encode(kwargs) if kwargs else m.EMPTY_MAP
+        assert self._loop is not None  # bound: _check_accepting passed
+        try:  # encodes the call, once
+            call = self._dispatcher.admit(name, args, kwargs, self._loop.create_future(), policy)
         except RecursionError:
             raise TypeError(f"{name}(): arguments nested too deeply to encode") from None
-        assert self._loop is not None  # bound: _check_accepting passed
-        call = self._dispatcher.admit(
-            name, encoded_args, encoded_kwargs, self._loop.create_future(), policy
-        )
         if dispatch:
             self._dispatcher.dispatch()
         return call

@@ -7,7 +7,10 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from minions.ipc.payload import Request
 
 Cancel = Literal["finish", "kill"]
 
@@ -96,26 +99,36 @@ def _values(options: CallOptions) -> tuple[Any, ...]:
 
 
 class PendingCall:
-    """One ``pool.call``: encoded once, possibly sent to several workers if crashes are retried.
+    """One ``pool.call``: encoded once (``request``), possibly sent to several workers if
+    crashes are retried.
 
     Lives in the Dispatcher's queue, then in exactly one worker's lane, until its future is
-    resolved. ``crashes`` counts workers this call was running on when they died.
+    resolved. ``crashes`` counts workers this call was running on when they died. ``region`` is
+    the offset of its buffers in that worker's arena while it holds space there.
     """
 
     __slots__ = (
         "args", "call_id", "crashes", "expected_s", "future", "kwargs", "method", "policy",
-        "submitted_at",
+        "region", "request", "submitted_at",
     )  # fmt: skip
 
     policy: CallPolicy  # set by the Dispatcher when it admits the call
 
     def __init__(
-        self, call_id: int, method: str, args: bytes, kwargs: bytes, future: asyncio.Future[Any]
+        self,
+        call_id: int,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        future: asyncio.Future[Any],
+        request: Request,
     ) -> None:
         self.call_id = call_id
         self.method = method
         self.args = args
         self.kwargs = kwargs
+        self.request = request
+        self.region: int | None = None
         self.future = future
         self.crashes = 0
         self.expected_s = 0.0  # predicted run time when sent; see Dispatcher._pick_lane
@@ -128,7 +141,7 @@ class PendingCall:
 
     @property
     def fingerprint(self) -> bytes:
-        return fingerprint(self.method, self.args, self.kwargs)
+        return fingerprint(self.method, *self.request.encoded_arguments())
 
     def resolve(self, value: Any) -> None:
         if not self.future.done():

@@ -18,7 +18,11 @@ from minions.pool.states import CrashLoopPolicy
 
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
-    """Settings of one pool. Durations are seconds, sizes MiB; ``0`` disables a limit."""
+    """Settings of one pool. Durations are seconds, sizes MiB (``_bytes``: bytes); ``0``
+    disables a limit.
+
+    ``arena_mb`` is each worker's shared-memory arena, half for arguments and half for results;
+    buffers of ``arena_min_bytes`` or more travel through it (see ``minions.ipc.payload``)."""
 
     service: str
     name: str = ""
@@ -43,6 +47,8 @@ class PoolConfig:
     shutdown_grace_s: float = 10.0
     heartbeat_s: float = 1.0
     rss_check_s: float = 1.0
+    arena_mb: float = 64.0
+    arena_min_bytes: int = 65536
     memory: MemoryThresholds | None = None  # standalone pools: run an own memory monitor
 
     def __post_init__(self) -> None:
@@ -81,6 +87,8 @@ class PoolConfig:
             "retries_on_crash": 0,
             "poison_ttl_s": 0,
             "restart_backoff_initial_s": 0,
+            "arena_mb": 0,
+            "arena_min_bytes": 1,
         }
         for name, low in at_least.items():
             if getattr(self, name) < low:

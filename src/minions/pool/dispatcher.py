@@ -21,6 +21,14 @@ dropped, unless its policy kills on cancel: then the lane is doomed and the fron
 Supervisor to kill the worker (:meth:`LaneEvents.call_cancelled`). Such a call only goes to an
 idle lane and nothing is pipelined behind it, so the kill never costs another caller anything.
 
+Big buffer arguments travel through the worker's shared-memory arena (:mod:`minions.ipc.arena`):
+the arena belongs to the worker (the Supervisor creates and drops it with the process), but the
+space a call's buffers take in it follows the call, so it is the lane's. A lane allocates it when
+it takes the call and frees it when the answer arrives, oldest first, as workers answer in order;
+a call whose worker died frees nothing, its space died with the arena, and it copies its buffers
+again wherever it runs next. A call whose buffers do not fit beside what a busy lane already holds
+waits in the queue; one that fits in no arena at all was encoded whole at admission.
+
 Everything runs on the pool's event loop; the hot path is :meth:`dispatch` and :meth:`take`.
 """
 
@@ -35,8 +43,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from msgspec import Raw
-
 from minions.errors import (
     CallTimeout,
     Overloaded,
@@ -45,7 +51,8 @@ from minions.errors import (
     WorkerCallError,
     WorkerCrashed,
 )
-from minions.ipc import messages as m
+from minions.ipc.arena import Ring, arena_size, halves
+from minions.ipc.payload import Request
 from minions.ops import metrics
 from minions.pool.calls import CallPolicy, PendingCall, fingerprint
 from minions.pool.config import PoolConfig
@@ -76,7 +83,7 @@ class Throttle:
 class Lane:
     """The calls one worker owes, oldest first, and its pipelining budget."""
 
-    __slots__ = ("backlog_s", "exclusive", "head_since", "owed", "state", "worker")
+    __slots__ = ("backlog_s", "exclusive", "head_since", "owed", "ring", "state", "worker")
 
     def __init__(self, worker: WorkerRef) -> None:
         self.worker = worker
@@ -85,6 +92,8 @@ class Lane:
         self.head_since = 0.0  # monotonic time the call it is running now started
         self.backlog_s = 0.0  # predicted run time of what it owes
         self.exclusive = False  # it owes one kill-on-cancel call: nothing is pipelined behind it
+        arena = worker.arena
+        self.ring = Ring(*arena.requests) if arena is not None else None  # its buffers' space
 
 
 class LaneEvents(Protocol):
@@ -117,23 +126,35 @@ class Dispatcher:
         self._throttle = Throttle(config.pipeline_depth)
         self._retries = metrics.WORKER_CALL_RETRIES.labels(pool_name)
         self._policy = CallPolicy(config.call_timeout_s, config.retries_on_crash)
+        size = arena_size(config.arena_mb)
+        requests = halves(size)[0] if size else (0, 0)
+        self._arena_max = requests[1] - requests[0]  # the most one call may put in an arena
+        self._arena_min = config.arena_min_bytes
 
     # --- admission ---------------------------------------------------------------------------
 
     def admit(
-        self, method: str, args: bytes, kwargs: bytes, future: Any, policy: CallPolicy | None = None
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        future: Any,
+        policy: CallPolicy | None = None,
     ) -> PendingCall:
-        """Queue a call, or refuse it before anything is sent (``Overloaded``, ``PoisonCall``).
-        ``policy`` defaults to the pool's settings."""
+        """Encode and queue a call, or refuse it before anything is sent (``TypeError`` if
+        msgspec cannot encode the arguments, ``Overloaded``, ``PoisonCall``). ``policy``
+        defaults to the pool's settings."""
         if self._throttle.shed:
             raise Overloaded(self.pool_name, "memory pressure is critical")
         if len(self._queue) >= self.config.max_queue:
             raise Overloaded(
                 self.pool_name, f"the dispatch queue is full (max_queue={self.config.max_queue})"
             )
+        call_id = next(self._ids)
+        request = Request(call_id, method, args, kwargs, self._arena_min, self._arena_max)
         if self._quarantine:
-            self._check_quarantine(method, args, kwargs)
-        call = PendingCall(next(self._ids), method, args, kwargs, future)
+            self._check_quarantine(method, request)
+        call = PendingCall(call_id, method, args, kwargs, future, request)
         call.policy = self._policy if policy is None else policy
         self._queue.append(call)
         return call
@@ -155,10 +176,10 @@ class Dispatcher:
                 self._events.call_cancelled(lane.worker, call)
         return False
 
-    def _check_quarantine(self, method: str, args: bytes, kwargs: bytes) -> None:
+    def _check_quarantine(self, method: str, request: Request) -> None:
         now = time.monotonic()
         self._quarantine = {fp: t for fp, t in self._quarantine.items() if t > now}
-        until = self._quarantine.get(fingerprint(method, args, kwargs))
+        until = self._quarantine.get(fingerprint(method, *request.encoded_arguments()))
         if until is not None:
             raise PoisonCall(
                 pool=self.pool_name, worker_id=0, pid=0, method=method, signal=None,
@@ -219,6 +240,9 @@ class Dispatcher:
             lane = self._pick_lane(1 if exclusive else depth, window - expected)
             if lane is None:
                 break
+            frame = call.request.message or self._frame(lane, call)  # b"": buffers to place
+            if frame is None:
+                break  # its buffers wait for room in that worker's arena
             queue.popleft()
             if not lane.owed:
                 lane.head_since = now
@@ -228,12 +252,24 @@ class Dispatcher:
             lane.backlog_s += expected
             lane.owed.append(call)
             self._in_flight += 1
-            message = m.Call(call.call_id, call.method, Raw(call.args), Raw(call.kwargs))
-            batches.setdefault(lane, []).append(m.encoder.encode(message))
+            batches.setdefault(lane, []).append(frame)
         for lane, payloads in batches.items():
             if not self._send(lane.worker.identity, payloads):
                 self._doom(lane)
                 self._events.lane_lost(lane.worker)
+
+    def _frame(self, lane: Lane, call: PendingCall) -> bytes | None:
+        """The message that sends a call with arena buffers to ``lane``, copied into the worker's
+        arena; ``None`` if they do not fit beside what the lane already holds there."""
+        request = call.request
+        arena, ring = lane.worker.arena, lane.ring
+        if arena is None or ring is None:  # a worker without an arena gets the whole message
+            return request.inline(call.call_id, call.method)
+        at = ring.alloc(request.nbytes, call.call_id)
+        if at is None:
+            return None  # an empty ring always fits it: admission checked it against the half
+        call.region = at
+        return request.place(arena, at, call.call_id, call.method)
 
     def _pick_lane(self, depth: int, max_backlog: float) -> Lane | None:
         """An idle lane, else the one with the shortest backlog that stays within the window
@@ -258,6 +294,11 @@ class Dispatcher:
             return None
         call = lane.owed.popleft()
         self._in_flight -= 1
+        if call.region is not None and lane.ring is not None:
+            # FIFO: the oldest space is this call's. The bytes stay readable until the next
+            # dispatch() allocates, which is after the caller has read an answer lying there.
+            lane.ring.free_oldest()
+            call.region = None
         now = time.monotonic()
         ran = now - lane.head_since
         cost = self._cost.get(call.method)
@@ -297,6 +338,8 @@ class Dispatcher:
         self._refresh_open()
         calls = list(lane.owed)
         self._in_flight -= len(calls)
+        for call in calls:
+            call.region = None  # the space died with the worker's arena
         culprit = next((c for c in calls if c.call_id == death.running_call), None)
         if culprit is None and death.verdict.cause is DeathCause.TIMEOUT and calls:
             culprit = calls[0]  # killed before its marker could say: the head overran
@@ -394,6 +437,11 @@ class Dispatcher:
             return 0, ""
         method = next((c.method for c in lane.owed if c.call_id == running_call), "")
         return len(lane.owed), method
+
+    def arena_bytes(self, identity: bytes) -> int:
+        """Bytes of this worker's arena that the calls it owes hold now."""
+        lane = self._lanes.get(identity)
+        return lane.ring.in_use if lane is not None and lane.ring is not None else 0
 
     def waiting_callers(self) -> int:
         """Calls queued or sent whose caller still waits (cancelled callers are not counted:

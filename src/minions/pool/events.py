@@ -9,17 +9,23 @@ that ended, after its process was reaped and judged.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from minions.pool.verdict import Verdict
+
+if TYPE_CHECKING:
+    from minions.ipc.arena import ParentArena
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerRef:
-    """A worker as the calls side knows it: the wire identity plus the ids errors name."""
+    """A worker as the calls side knows it: the wire identity plus the ids errors name, and its
+    shared-memory arena (``None`` when the pool runs without one), valid until its Death."""
 
     worker_id: int
     pid: int
     identity: bytes
+    arena: ParentArena | None = None
 
 
 @dataclass(frozen=True, slots=True)

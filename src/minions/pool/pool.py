@@ -23,8 +23,10 @@ import msgspec
 
 from minions.errors import PoolUnavailable, ProtocolError, RemoteError
 from minions.ipc import messages as m
+from minions.ipc.arena import ArenaError
 from minions.ipc.channel import RouterChannel
 from minions.ipc.endpoint import Endpoint
+from minions.ipc.payload import read_result
 from minions.ipc.service import MethodSpec, describe, load_service
 from minions.ops import metrics
 from minions.ops.levels import MemoryLevel
@@ -296,9 +298,11 @@ class WorkerPool(Calling[S], Resource):
         match msg:
             case m.Result():
                 call = self._take(worker, msg.call_id)
-                if call is not None:
-                    self._resolve(call, msg.value)
-                    return 1
+                if call is not None and not call.future.done():
+                    self._resolve(worker, call, msg)
+                elif msg.buffer is not None and worker.arena is not None:
+                    worker.arena.discard()  # nobody reads it; the worker may reuse the space
+                return 0 if call is None else 1
             case m.Failure():
                 call = self._take(worker, msg.call_id)
                 if call is not None:
@@ -325,9 +329,22 @@ class WorkerPool(Calling[S], Resource):
             self._count_bad_frame("unexpected")
         return call
 
-    def _resolve(self, call: PendingCall, raw: msgspec.Raw) -> None:
+    def _resolve(self, worker: WorkerProcess, call: PendingCall, result: m.Result) -> None:
         try:
-            value = self._decoders[call.method].decode(raw)
+            if result.buffer is None:
+                value = self._decoders[call.method].decode(result.value)
+            else:
+                declared = self._specs[call.method].result_type
+                value = read_result(worker.arena, result.buffer, declared)
+        except ArenaError as exc:  # never read: the reference lies outside the arena
+            log.warning("pool %s: worker %d: %r", self.name, worker.worker_id, exc)
+            self._count_bad_frame("reference")
+            call.fail(
+                RemoteError(
+                    kind="invalid-result", type_name="ProtocolError", message=str(exc),
+                    method=call.method, worker_id=worker.worker_id,
+                )
+            )  # fmt: skip
         except Exception as exc:  # ValidationError, DecodeError, RecursionError: never escapes
             call.fail(
                 RemoteError(
@@ -337,8 +354,8 @@ class WorkerPool(Calling[S], Resource):
                     method=call.method,
                 )
             )
-            return
-        call.resolve(value)
+        else:
+            call.resolve(value)
 
     def _undecodable(self, worker: WorkerProcess, exc: Exception) -> int:
         """A frame from one of our workers did not decode. Workers answer strictly in order and

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from minions.ipc.arena import ParentArena
 from minions.ipc.marker import marker_path, read_running_call
 from minions.ipc.worker import TOKEN_ENV
 from minions.ops import reaper
@@ -67,10 +68,11 @@ class WorkerProcess:
     said_hello: bool = False
     rss_bytes: int = 0
     last_heard: float = 0.0  # monotonic time of its last frame of any kind
+    arena: ParentArena | None = None  # its shared memory: created at spawn, dropped after death
     ref: WorkerRef = field(init=False)  # how the Dispatcher and events name it
 
     def __post_init__(self) -> None:
-        self.ref = WorkerRef(self.worker_id, self.popen.pid, self.identity)
+        self.ref = WorkerRef(self.worker_id, self.popen.pid, self.identity, self.arena)
 
     @property
     def pid(self) -> int:
@@ -92,6 +94,7 @@ class WorkerProcess:
         token: str,
         crash_file: Path,
         heartbeat_s: float,
+        arena: ParentArena | None = None,
     ) -> WorkerProcess:
         argv = [
             sys.executable,
@@ -112,7 +115,15 @@ class WorkerProcess:
             "--heartbeat-s",
             str(heartbeat_s),
         ]
-        popen = subprocess.Popen(argv, env=_worker_env(token), stdin=subprocess.DEVNULL)
+        fds = (arena.fd,) if arena is not None else ()  # the worker inherits these, by number
+        argv += [f"--arena-fd={fd}" for fd in fds]
+        try:
+            popen = subprocess.Popen(
+                argv, env=_worker_env(token), stdin=subprocess.DEVNULL, pass_fds=fds
+            )
+        finally:
+            if arena is not None:
+                arena.close_fd()  # the worker holds its own copy now (or never will)
         reaper.claim(popen.pid)  # reap() reads its exit status: the orphan reaper must not
         try:
             pidfd = os.pidfd_open(popen.pid)
@@ -121,7 +132,7 @@ class WorkerProcess:
             popen.wait()
             reaper.release(popen.pid)
             raise
-        return cls(worker_id, identity, popen, pidfd, crash_file, role)
+        return cls(worker_id, identity, popen, pidfd, crash_file, role, arena=arena)
 
     def send_signal(self, signum: int) -> None:
         """Signal the process unless it is already reaped (pidfd_send_signal is race-free)."""
@@ -131,6 +142,12 @@ class WorkerProcess:
             signal.pidfd_send_signal(self.pidfd, signum)
         except ProcessLookupError:
             pass
+
+    def drop_arena(self) -> None:
+        """Unmap the arena once the death was settled (its last results were read); with the
+        worker gone, that frees its memory."""
+        if self.arena is not None:
+            self.arena.close()
 
     def reap(self) -> int:
         """Collect the exit status once the pidfd said it exited; close the pidfd."""

@@ -26,6 +26,7 @@ import psutil
 
 from minions.errors import PoolUnavailable
 from minions.ipc import messages as m
+from minions.ipc.arena import ParentArena, arena_size
 from minions.ipc.endpoint import Endpoint
 from minions.ops import metrics
 from minions.ops.levels import MemoryLevel
@@ -83,6 +84,7 @@ class Supervisor:
         self._boot_error: str | None = None
         self._booted: asyncio.Future[None] | None = None
         self._stop_timers: dict[int, asyncio.TimerHandle] = {}
+        self._arena_size = arena_size(config.arena_mb)
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -119,7 +121,11 @@ class Supervisor:
     def _spawn(self, role: Role) -> None:
         assert self._endpoint is not None and self._loop is not None
         worker_id = next(self._worker_ids)
+        arena = None
         try:
+            if self._arena_size:  # the worker's shared memory lives exactly as long as it does
+                name, least = f"{self.pool_name}:w{worker_id}", self.cfg.arena_min_bytes
+                arena = ParentArena.create(self._arena_size, name, least)
             worker = WorkerProcess.spawn(
                 worker_id=worker_id,
                 identity=f"w{worker_id}-{secrets.token_hex(4)}".encode(),  # unguessable
@@ -129,10 +135,13 @@ class Supervisor:
                 token=self._endpoint.token,
                 crash_file=self._endpoint.crash_file(worker_id, 0),
                 heartbeat_s=self.cfg.heartbeat_s,
+                arena=arena,
             )
         except OSError as exc:
             log.error("pool %s: cannot spawn a worker: %s", self.pool_name, exc)
             self._next_spawn_at = time.monotonic() + self._backoff.next_delay()
+            if arena is not None:
+                arena.close()
             return
         self._workers[worker.identity] = worker
         self._loop.add_reader(worker.pidfd, self.on_exit, worker)
@@ -347,6 +356,7 @@ class Supervisor:
             stack=worker.read_stack(),
         )
         settled = self._events.worker_died(Death(worker.ref, verdict, running))
+        worker.drop_arena()
         del self._workers[worker.identity]
         self._report(worker, verdict, settled)
         if not verdict.cause.planned:
