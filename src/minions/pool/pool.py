@@ -390,6 +390,7 @@ class WorkerPool(Calling[S], Resource):
 
     def worker_ready(self, worker: WorkerRef) -> None:
         self._dispatcher.open_lane(worker)
+        self._publish_gauges()  # a scrape right after a (re)start sees it, not the next tick
 
     def worker_leaving(self, worker: WorkerRef, doomed: bool) -> bool:
         return self._dispatcher.close_lane(worker, doomed)
