@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Protocol
 
 import psutil
@@ -27,6 +29,7 @@ import psutil
 from minions.errors import PoolUnavailable
 from minions.ipc import messages as m
 from minions.ipc.endpoint import Endpoint
+from minions.ipc.worker import WorkerArgs
 from minions.ops import metrics
 from minions.ops.levels import MemoryLevel
 from minions.pool.circuit import CircuitBreaker
@@ -34,6 +37,7 @@ from minions.pool.config import PoolConfig
 from minions.pool.events import Death, Settlement, WorkerRef
 from minions.pool.intensity import Backoff, RestartDecision, RestartIntensity
 from minions.pool.process import Phase, Role, WorkerProcess
+from minions.pool.spawn import Spawned, Spawner, WorkerSpec
 from minions.pool.states import Circuit, WorkerSnapshot
 from minions.pool.verdict import DeathCause, Verdict, classify
 
@@ -68,6 +72,8 @@ class Supervisor:
         self._events = events
         self._send = send
         self._workers: dict[bytes, WorkerProcess] = {}
+        self._spawning: dict[int, Role] = {}  # asked for, not yet a process (zygote replies)
+        self.spawner = Spawner(config, pool_name, self)
         self._worker_ids = itertools.count(1)
         self._intensity = RestartIntensity(config.restart_intensity, config.restart_period_s)
         self._backoff = Backoff(config.restart_backoff_initial_s, config.restart_backoff_max_s)
@@ -91,6 +97,7 @@ class Supervisor:
         self._methods = tuple(sorted(methods))
         self._loop = asyncio.get_running_loop()
         self._supervising = True
+        self.spawner.start()
         self.spawn_missing()
 
     def tick(self, now: float) -> None:
@@ -98,6 +105,7 @@ class Supervisor:
         self.enforce_boot_deadlines(now)
         self.retry_circuit(now)
         self.recycle_bloated(now)
+        self.spawner.tick(now)
         self.spawn_missing()
 
     # --- spawning ----------------------------------------------------------------------------
@@ -109,36 +117,51 @@ class Supervisor:
         if time.monotonic() < self._next_spawn_at:
             return
         live = [w for w in self._workers.values() if w.phase in (Phase.BOOTING, Phase.READY)]
-        active = sum(1 for w in live if w.role is Role.ACTIVE)
+        roles = [w.role for w in live] + list(self._spawning.values())
+        active = roles.count(Role.ACTIVE)
         for _ in range(self.cfg.workers - active):
             self._spawn(Role.ACTIVE)
-        for _ in range(self.cfg.spare_workers - (len(live) - active)):
+        for _ in range(self.cfg.spare_workers - (len(roles) - active)):
             self._spawn(Role.SPARE)
 
     def _spawn(self, role: Role) -> None:
-        assert self._endpoint is not None and self._loop is not None
+        assert self._endpoint is not None
         worker_id = next(self._worker_ids)
-        try:
-            worker = WorkerProcess.spawn(
-                worker_id=worker_id,
-                identity=f"w{worker_id}-{secrets.token_hex(4)}".encode(),  # unguessable
-                role=role,
-                service=self.cfg.service,
-                endpoint=self._endpoint.address,
-                token=self._endpoint.token,
-                crash_file=self._endpoint.crash_file(worker_id, 0),
-                heartbeat_s=self.cfg.heartbeat_s,
-            )
-        except OSError as exc:
-            log.error("pool %s: cannot spawn a worker: %s", self.pool_name, exc)
-            self._next_spawn_at = time.monotonic() + self._backoff.next_delay()
-            return
-        self._workers[worker.identity] = worker
-        self._loop.add_reader(worker.pidfd, self.on_exit, worker)
-        log.info(
-            "pool %s: spawned worker %d (pid %d) as %s",
-            self.pool_name, worker_id, worker.pid, role.value,
+        args = WorkerArgs(
+            endpoint=self._endpoint.address,
+            service=self.cfg.service,
+            worker_id=worker_id,
+            identity=f"w{worker_id}-{secrets.token_hex(4)}",  # unguessable
+            crash_file=str(self._endpoint.crash_file(worker_id, 0)),
+            parent_pid=os.getpid(),
+            heartbeat_s=self.cfg.heartbeat_s,
+        )
+        self._spawning[worker_id] = role
+        self.spawner.spawn(WorkerSpec(args, self._endpoint.token))
+
+    def spawned(self, worker: Spawned) -> None:
+        """The Spawner made the process: it joins the table; its pidfd goes on the loop."""
+        assert self._loop is not None
+        spec = worker.spec
+        role = self._spawning.pop(spec.worker_id)
+        process = WorkerProcess(
+            spec.worker_id, spec.args.identity.encode(), worker.pid, worker.pidfd,
+            Path(spec.args.crash_file), role, worker.via, worker.popen,
         )  # fmt: skip
+        self._workers[process.identity] = process
+        self._loop.add_reader(process.pidfd, self.on_exit, process)
+        log.info(
+            "pool %s: spawned worker %d (pid %d) as %s via %s",
+            self.pool_name, process.worker_id, process.pid, role.value, worker.via.value,
+        )  # fmt: skip
+        if not self._supervising:  # answered after the pool began to stop
+            self._kill(process, DeathCause.STOPPED)
+
+    def spawn_failed(self, spec: WorkerSpec, why: str) -> None:
+        self._spawning.pop(spec.worker_id, None)
+        if self._supervising:
+            log.error("pool %s: cannot spawn a worker: %s", self.pool_name, why)
+            self._next_spawn_at = time.monotonic() + self._backoff.next_delay()
 
     async def wait_booted(self) -> None:
         """Wait until every initial active worker said hello; raise if one failed to boot."""
@@ -443,7 +466,9 @@ class Supervisor:
                     self._events.worker_leaving(worker.ref, doomed=True)
                 worker.phase = Phase.RETIRING
                 self._stop(worker, DeathCause.STOPPED, step)
-        ok = await wait_until(lambda: not self._workers, 3 * step + 1.0)
+        ok = await wait_until(lambda: not self._workers and not self._spawning, 3 * step + 1.0)
+        await self.spawner.close(step)  # after: workers it forked meanwhile were answered
+        ok = await wait_until(lambda: not self._workers, step + 1.0) and ok
         if not ok:  # cannot happen unless the kernel refuses SIGKILL; never leave a zombie
             for worker in list(self._workers.values()):
                 worker.send_signal(signal.SIGKILL)
@@ -460,6 +485,10 @@ class Supervisor:
             for w in self._workers.values()
             if w.phase is phase and (dispatchable is None or w.dispatchable == dispatchable)
         )
+
+    def count_booting(self) -> int:
+        """Workers on their way: spawned with no hello yet, or asked of the zygote."""
+        return self.count(Phase.BOOTING) + len(self._spawning)
 
     def pids(self) -> list[int]:
         """Pids of every live worker process (for the memory monitor)."""
