@@ -158,17 +158,20 @@ def test_each_worker_gets_its_own_token_and_the_descriptors_it_was_handed(via: s
         handed = [os.pipe() for _ in range(2)]
         pidfds = []
         try:
+            gos = []
             for n, token in ((1, "first-token"), (2, "second-token")):
                 args = worker_args(ctx_dir, n, "services:Probe")
                 extra = (handed[n - 1][1],)
-                if via == "zygote":
-                    pid, pidfd, go = raw_spawn(control, args, token, extra)
-                    os.write(go, wire.GO)
-                    os.close(go)
+                if via == "zygote":  # both asked before either is answered: one batch
+                    gos.append(raw_request(control, args, token, extra))
                 else:
                     spawned = spawn_exec(WorkerSpec(args, token, extra))
-                    pid, pidfd = spawned.pid, spawned.pidfd
-                pidfds.append((pid, pidfd))
+                    pidfds.append((spawned.pid, spawned.pidfd))
+            for go in gos:
+                reply = raw_reply(control)
+                pidfds.append((reply.pid, os.pidfd_open(reply.pid)))
+                os.write(go, wire.GO)
+                os.close(go)
             hellos = dict(receive_hello(sock) for _ in range(2))
             assert {h.worker_id: h.token for h in hellos.values()} == {
                 1: "first-token",
@@ -353,6 +356,7 @@ def test_sigkilled_gru_leaves_neither_zygote_nor_workers() -> None:
     parent = subprocess.Popen(
         [sys.executable, "-c", script, os.path.dirname(__file__)], stdout=subprocess.PIPE, text=True
     )
+    procs: list[psutil.Process] = []
     try:
         assert parent.stdout is not None
         pids = [int(p) for p in parent.stdout.readline().split()]
@@ -366,6 +370,9 @@ def test_sigkilled_gru_leaves_neither_zygote_nor_workers() -> None:
     finally:
         parent.kill()
         parent.wait()
+        for proc in procs:  # survivors of a failed run are no longer our children: end them
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
 
 # --- the worker's boot path -------------------------------------------------------------------
@@ -443,17 +450,31 @@ def start_raw_zygote(service: str) -> tuple[socket.socket, subprocess.Popen[byte
     return ours, zygote
 
 
-def raw_spawn(
+def raw_request(
     control: socket.socket, args: WorkerArgs, token: str, extra: tuple[int, ...]
-) -> tuple[int, int, int]:
-    """Ask the zygote for a worker; returns its pid, a pidfd on it and our end of its go pipe."""
+) -> int:
+    """Ask the zygote for a worker; returns our end of its go pipe."""
     go_r, go_w = os.pipe()
     request = wire.Spawn(args.worker_id, tuple(args.argv()), token)
     socket.send_fds(control, [wire.encoder.encode(request)], [go_r, *extra])
     os.close(go_r)
+    return go_w
+
+
+def raw_reply(control: socket.socket) -> wire.Spawned:
     reply = wire.reply_decoder.decode(control.recv(wire.MAX_MESSAGE))
-    assert isinstance(reply, wire.Spawned) and reply.worker_id == args.worker_id, reply
-    return reply.pid, os.pidfd_open(reply.pid), go_w
+    assert isinstance(reply, wire.Spawned), reply
+    return reply
+
+
+def raw_spawn(
+    control: socket.socket, args: WorkerArgs, token: str, extra: tuple[int, ...]
+) -> tuple[int, int, int]:
+    """One request and its answer: the worker's pid, a pidfd on it, our end of its go pipe."""
+    go = raw_request(control, args, token, extra)
+    reply = raw_reply(control)
+    assert reply.worker_id == args.worker_id, reply
+    return reply.pid, os.pidfd_open(reply.pid), go
 
 
 def receive_hello(sock: zmq.Socket[bytes]) -> tuple[bytes, m.Hello]:
