@@ -37,12 +37,14 @@ import ctypes
 import dataclasses
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from minions.ipc.endpoint import Endpoint
 from minions.ipc.worker import TOKEN_ENV, WorkerArgs
 from minions.ops import metrics
 from minions.pool.config import PoolConfig, SpawnMode
@@ -67,6 +69,20 @@ class WorkerSpec:
     @property
     def worker_id(self) -> int:
         return self.args.worker_id
+
+    @classmethod
+    def for_pool(cls, endpoint: Endpoint, config: PoolConfig, worker_id: int) -> WorkerSpec:
+        """The spec of worker ``worker_id`` of the pool listening at ``endpoint``."""
+        args = WorkerArgs(
+            endpoint=endpoint.address,
+            service=config.service,
+            worker_id=worker_id,
+            identity=f"w{worker_id}-{secrets.token_hex(4)}",  # unguessable
+            crash_file=str(endpoint.crash_file(worker_id, 0)),
+            parent_pid=os.getpid(),
+            heartbeat_s=config.heartbeat_s,
+        )
+        return cls(args, endpoint.token)
 
 
 @dataclass(frozen=True, slots=True)

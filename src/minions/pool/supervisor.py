@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import secrets
 import signal
 import time
@@ -29,7 +28,6 @@ import psutil
 from minions.errors import PoolUnavailable
 from minions.ipc import messages as m
 from minions.ipc.endpoint import Endpoint
-from minions.ipc.worker import WorkerArgs
 from minions.ops import metrics
 from minions.ops.levels import MemoryLevel
 from minions.pool.circuit import CircuitBreaker
@@ -127,17 +125,8 @@ class Supervisor:
     def _spawn(self, role: Role) -> None:
         assert self._endpoint is not None
         worker_id = next(self._worker_ids)
-        args = WorkerArgs(
-            endpoint=self._endpoint.address,
-            service=self.cfg.service,
-            worker_id=worker_id,
-            identity=f"w{worker_id}-{secrets.token_hex(4)}",  # unguessable
-            crash_file=str(self._endpoint.crash_file(worker_id, 0)),
-            parent_pid=os.getpid(),
-            heartbeat_s=self.cfg.heartbeat_s,
-        )
         self._spawning[worker_id] = role
-        self.spawner.spawn(WorkerSpec(args, self._endpoint.token))
+        self.spawner.spawn(WorkerSpec.for_pool(self._endpoint, self.cfg, worker_id))
 
     def spawned(self, worker: Spawned) -> None:
         """The Spawner made the process: it joins the table; its pidfd goes on the loop."""
@@ -399,12 +388,15 @@ class Supervisor:
             self._events.circuit_changed(Circuit.HALF_OPEN, 0.0)
 
     def _swap_for_booting(self, spare: WorkerProcess) -> None:
-        """A spare booted while an active slot still waits for its replacement to boot: the
-        spare serves now and the booting one becomes the spare."""
+        """A spare booted while an active slot still waits for its replacement (booting, or
+        not even forked yet): the spare serves now and the replacement becomes the spare."""
         waiting = (w for w in self._workers.values() if w.role is Role.ACTIVE)
         booting = next((w for w in waiting if w.phase is Phase.BOOTING), None)
+        asked = next((i for i, role in self._spawning.items() if role is Role.ACTIVE), None)
         if booting is not None:
             booting.role, spare.role = Role.SPARE, Role.ACTIVE
+        elif asked is not None:
+            self._spawning[asked], spare.role = Role.SPARE, Role.ACTIVE
 
     def _promote_spare(self, gone: WorkerProcess) -> None:
         """``gone`` stops taking calls: hand its active slot to a ready spare, if any."""
