@@ -73,6 +73,9 @@ class WorkerArgs:
 
 def parse_args(argv: Sequence[str]) -> WorkerArgs:
     """Parse ``--name value`` pairs; a bad command line exits with status 2 and the usage."""
+    if "--help" in argv or "-h" in argv:
+        print(f"{USAGE}\n\nServe a WorkerService; started by a pool, not by hand.")
+        raise SystemExit(0)
     fields = {f"--{f.name.replace('_', '-')}": f for f in dataclasses.fields(WorkerArgs)}
     values: dict[str, Any] = {}
     try:
