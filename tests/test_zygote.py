@@ -133,7 +133,7 @@ def test_zygote_holds_no_thread_zeromq_faulthandler_or_extension_and_workers_mak
             assert zygote and psutil.Process(zygote).ppid() == os.getpid()
             with pytest.raises(WorkerCrashed):  # one more fork from the same zygote
                 await pool.call("segfault")
-            assert await pool.call("ping", 1) == 1
+            assert await pool.wait_ready()  # the replacement said hello: it is fully booted
             assert threads(zygote) == 1
             links = fd_links(zygote)
             assert not [x for x in links if "eventfd" in x or "eventpoll" in x], links  # no ZMQ
@@ -301,6 +301,45 @@ def test_a_service_that_starts_a_thread_at_import_is_refused_and_spawned_by_exec
 
     with caplog.at_level(logging.ERROR, logger="minions.pool"):
         run(scenario())
+
+
+class Recorder:
+    """Stands in for the Spawner: records what a real zygote handle reports."""
+
+    def __init__(self) -> None:
+        self.exited: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+
+    def forked(self, worker_id: int, pid: int, pidfd: int) -> None:
+        raise AssertionError("a stopped zygote forked")
+
+    def fork_failed(self, worker_id: int, why: str) -> None:
+        raise AssertionError(why)
+
+    def zygote_exited(self, zygote: Any, returncode: int, unanswered: list[int]) -> None:
+        self.exited.set_result(unanswered)
+
+
+def test_more_requests_than_the_socket_holds_wait_and_none_is_lost_when_the_zygote_dies() -> None:
+    async def scenario() -> None:
+        become_subreaper()
+        events = Recorder()
+        zygote = parent_side.Zygote(SERVICE, child_env(None), events)
+        zygote.start()
+        await eventually(lambda: zygote.state is parent_side.ZygoteState.READY)
+        os.kill(zygote.pid, signal.SIGSTOP)  # it reads nothing more: the socket fills up
+        fds_before = len(os.listdir("/proc/self/fd"))
+        argv = worker_args("/nonexistent", 1, SERVICE).argv()
+        assert all(zygote.submit(i, argv, "token", ()) for i in range(1, 401))
+        assert zygote.unanswered == 400
+        await asyncio.sleep(0)  # a turn of the loop: a writer callback would run now
+        assert psutil.Process(zygote.pid).status() == psutil.STATUS_STOPPED  # waited, not killed
+        os.kill(zygote.pid, signal.SIGKILL)
+        unanswered = await asyncio.wait_for(events.exited, 10)
+        assert sorted(unanswered) == list(range(1, 401))  # every one handed back
+        # every go pipe closed, and the handle's control socket and pidfd on the zygote too
+        assert len(os.listdir("/proc/self/fd")) == fds_before - 2
+
+    run(scenario())
 
 
 # --- exit statuses, the exec setting, the parent's death ---------------------------------------

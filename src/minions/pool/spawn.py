@@ -60,7 +60,8 @@ _PR_SET_CHILD_SUBREAPER = 36
 class WorkerSpec:
     """Everything one worker needs to boot, whichever way it is spawned. ``pass_fds`` are
     descriptors of this process handed to the worker (a shared-memory arena, say); the worker
-    finds them, in this order, in ``WorkerArgs.fds`` under the numbers it received them as."""
+    finds them, in this order, in ``WorkerArgs.fds`` under the numbers it received them as. The
+    caller keeps them open until ``spawned`` or ``spawn_failed`` came for this spec."""
 
     args: WorkerArgs
     token: str

@@ -17,6 +17,7 @@ This module knows nothing of pools or exec: requests are named by worker id, and
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import logging
 import os
@@ -70,6 +71,8 @@ class Zygote:
         self._env = env
         self._events = events
         self._requests: dict[int, _Request] = {}
+        self._outbox: collections.deque[tuple[bytes, list[int]]] = collections.deque()
+        self._writing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._control: socket.socket | None = None
         self._popen: subprocess.Popen[bytes] | None = None
@@ -115,22 +118,39 @@ class Zygote:
     # --- requests ------------------------------------------------------------------------------
 
     def submit(self, worker_id: int, argv: Sequence[str], token: str, fds: Sequence[int]) -> bool:
-        """Ask for a worker; ``False`` if the request could not even be written (the zygote is
-        then killed: something is wrong with it) and the caller must spawn another way."""
+        """Ask for a worker; ``False`` if this zygote is gone (spawn another way). ``fds`` must
+        stay open until the answer came. A request that cannot be written at once waits in an
+        outbox until the socket is writable; one that fails is answered by the zygote's death
+        (it is killed, and :meth:`on_exit` hands the request back)."""
         if self._control is None or self.state is ZygoteState.DEAD:
             return False
         go_r, go_w = os.pipe()
-        try:
-            data = wire.encoder.encode(wire.Spawn(worker_id, tuple(argv), token))
-            socket.send_fds(self._control, [data], [go_r, *fds])
-        except OSError as exc:  # EAGAIN: it stopped reading; EPIPE: it is gone
-            os.close(go_w)
-            self.kill(f"cannot send it a request: {exc}")
-            return False
-        finally:
-            os.close(go_r)  # the zygote has its own copy now
+        data = wire.encoder.encode(wire.Spawn(worker_id, tuple(argv), token))
         self._requests[worker_id] = _Request(go_w, time.monotonic())
+        self._outbox.append((data, [go_r, *fds]))
+        self._flush()
         return True
+
+    def _flush(self) -> None:
+        """Write queued requests until the socket is full (then wait until it is writable)."""
+        control = self._control
+        while control is not None and self._outbox:
+            data, fds = self._outbox[0]
+            try:
+                socket.send_fds(control, [data], fds)
+            except BlockingIOError:  # a big pool asks for more than the socket buffers
+                if not self._writing and self._loop is not None:
+                    self._loop.add_writer(control, self._flush)
+                    self._writing = True
+                return
+            except OSError as exc:  # EPIPE: it is gone; its pidfd fires
+                self.kill(f"cannot send it a request: {exc}")
+                return
+            self._outbox.popleft()
+            os.close(fds[0])  # our copy of the go pipe's read end: the zygote has its own
+        if self._writing and control is not None and self._loop is not None:
+            self._loop.remove_writer(control)
+            self._writing = False
 
     def check(self, now: float, boot_timeout_s: float) -> None:
         """On the pool's tick: kill a zygote that does not become ready or stopped answering."""
@@ -148,6 +168,8 @@ class Zygote:
                 data = control.recv(wire.MAX_MESSAGE)
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionResetError:  # it exited leaving requests unread; the kernel says
+                continue  # so once, and what it sent before is still queued: read on
             except OSError:
                 data = b""
             if not data:  # it closed its end: it is exiting, its pidfd will say how
@@ -246,8 +268,14 @@ class Zygote:
         return how
 
     def _stop_reading(self) -> None:
+        for _data, fds in self._outbox:
+            os.close(fds[0])
+        self._outbox.clear()
         if self._control is not None:
             if self._loop is not None:
                 self._loop.remove_reader(self._control)
+                if self._writing:
+                    self._loop.remove_writer(self._control)
+                    self._writing = False
             self._control.close()
             self._control = None
