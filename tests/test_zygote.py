@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -338,6 +339,29 @@ def test_more_requests_than_the_socket_holds_wait_and_none_is_lost_when_the_zygo
         assert sorted(unanswered) == list(range(1, 401))  # every one handed back
         # every go pipe closed, and the handle's control socket and pidfd on the zygote too
         assert len(os.listdir("/proc/self/fd")) == fds_before - 2
+
+    run(scenario())
+
+
+def test_a_refusal_is_read_even_when_the_zygote_is_gone_before_the_loop_looks() -> None:
+    """It exits leaving our request unread, so the kernel reports ECONNRESET on our end first;
+    what it said before exiting is still there and must be read."""
+
+    async def scenario() -> None:
+        become_subreaper()
+        events = Recorder()
+        zygote = parent_side.Zygote(
+            "threaded_service:StartsThreadAtImport", child_env(None), events
+        )
+        zygote.start()
+        assert zygote.submit(1, worker_args("/nonexistent", 1, SERVICE).argv(), "token", ())
+        stat = Path(f"/proc/{zygote.pid}/stat")
+        deadline = time.monotonic() + 20
+        while stat.read_text().rpartition(")")[2].split()[0] != "Z":  # the loop does not run
+            assert time.monotonic() < deadline, "the zygote did not exit"
+            time.sleep(0.005)
+        assert await asyncio.wait_for(events.exited, 10) == [1]
+        assert "threads running in the zygote" in zygote.refusal
 
     run(scenario())
 
