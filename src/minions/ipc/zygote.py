@@ -18,7 +18,8 @@ and ``PR_SET_PDEATHSIG`` fires on the parent's death. If the zygote were the par
 crash would kill (or orphan) every worker, and Gru could not read their statuses. So Gru is a
 child subreaper and the zygote forks twice: an intermediate process forks the worker and exits
 at once, the kernel re-parents the worker to Gru, and the zygote reports the worker's pid once it
-has reaped the intermediate. The worker then waits on a pipe from Gru (the *go* pipe, sent with
+has reaped the intermediate (requests queued together, as at a pool's start, share one
+intermediate). The worker then waits on a pipe from Gru (the *go* pipe, sent with
 the request) before it does anything: Gru writes ``GO`` after it opened a pidfd on its new child;
 EOF instead (Gru gave the request up, or died) makes the worker exit. Only then does it arm
 ``PR_SET_PDEATHSIG`` (against Gru, its parent now) and check ``getppid()`` again. The zygote's
@@ -33,13 +34,14 @@ The pool's token travels in each :class:`Spawn`, never in the zygote's environme
 
 from __future__ import annotations
 
+import array
 import faulthandler
 import gc
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NoReturn
 
 import msgspec
@@ -52,6 +54,7 @@ ZYGOTE_PROTOCOL = 1
 GO = b"g"
 MAX_MESSAGE = 65536
 MAX_FDS = 64  # the go pipe plus the extra descriptors of one worker
+MAX_BATCH = 64  # requests forked by one intermediate process
 
 
 class Ready(msgspec.Struct, frozen=True, tag="ready", array_like=True):
@@ -142,81 +145,135 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(control, preloaded)
 
 
+Request = tuple[Spawn, list[int]]  # a request and the descriptors that came with it
+
+
 def serve(control: socket.socket, preloaded: worker.Preloaded) -> int:
-    """Fork one worker per request until Gru closes the socket (or dies)."""
+    """Fork workers on request until Gru closes the socket (or dies). Requests that are
+    already queued when one arrives are forked together (a pool's start asks for all its
+    workers at once): one intermediate process for the batch instead of one per worker."""
     while True:
-        data, fds, _flags, _addr = socket.recv_fds(control, MAX_MESSAGE, MAX_FDS)
-        if not data:
-            _close(fds)
-            return 0
-        try:
-            request = request_decoder.decode(data)
-        except msgspec.MsgspecError as exc:  # a Gru of another version: nothing can work
-            _close(fds)
-            _send(control, Refused(f"undecodable request from the pool: {exc}"))
+        batch, more = _receive(control)
+        if batch is None:
+            _send(control, Refused("undecodable request from the pool: a Gru of another version?"))
             return ZYGOTE_REFUSED_EXIT
         hazard = fork_hazard()
         if hazard:
-            _close(fds)
+            for _, fds in batch:
+                _close(fds)
             _send(control, Refused(hazard))
             return ZYGOTE_REFUSED_EXIT
         try:
-            reply = fork_worker(request, fds, control, preloaded) if fds else None
+            replies = fork_workers(batch, control, preloaded) if batch else []
         finally:
+            for _, fds in batch:
+                _close(fds)
+        for reply in replies:
+            _send(control, reply)
+        if not more:
+            return 0
+
+
+def _receive(control: socket.socket) -> tuple[list[Request] | None, bool]:
+    """One blocking request plus whatever else is queued; ``(batch, False)`` once Gru closed
+    its end, ``(None, _)`` for an undecodable request."""
+    batch: list[Request] = []
+    flags = 0
+    while len(batch) < MAX_BATCH:
+        try:
+            data, fds = _recv(control, flags)
+        except BlockingIOError:
+            break
+        if not data:
             _close(fds)
-        _send(control, reply or SpawnFailed(request.worker_id, "the request had no go pipe"))
+            return batch, False
+        try:
+            request = request_decoder.decode(data)
+        except msgspec.MsgspecError:
+            _close(fds)
+            for _, other in batch:
+                _close(other)
+            return None, False
+        if fds:
+            batch.append((request, fds))
+        else:
+            _send(control, SpawnFailed(request.worker_id, "the request had no go pipe"))
+        flags = socket.MSG_DONTWAIT
+    return batch, True
 
 
-def fork_worker(
-    request: Spawn, fds: list[int], control: socket.socket, preloaded: worker.Preloaded
-) -> Spawned | SpawnFailed:
-    """Double-fork: the intermediate forks the worker, reports its pid and exits, so the
+def _recv(control: socket.socket, flags: int) -> tuple[bytes, list[int]]:
+    """``socket.recv_fds``, which ignores its ``flags`` before Python 3.12."""
+    fds = array.array("i")
+    data, ancdata, _flags, _addr = control.recvmsg(
+        MAX_MESSAGE, socket.CMSG_LEN(MAX_FDS * fds.itemsize), flags
+    )
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
+
+
+def fork_workers(
+    batch: list[Request], control: socket.socket, preloaded: worker.Preloaded
+) -> list[Spawned | SpawnFailed]:
+    """Double-fork: an intermediate forks the workers, reports their pids and exits, so each
     worker is re-parented to the nearest subreaper, Gru, by the time this returns."""
-    go, extra = fds[0], fds[1:]
-    argv = [*request.argv, *(["--fds", ",".join(map(str, extra))] if extra else [])]
     report_r, report_w = os.pipe()
     try:
         middle = os.fork()
     except OSError as exc:
         os.close(report_r)
         os.close(report_w)
-        return SpawnFailed(request.worker_id, f"fork failed: {exc}")
+        return [SpawnFailed(request.worker_id, f"fork failed: {exc}") for request, _ in batch]
     if middle == 0:
         os.close(report_r)
-        _intermediate(report_w, lambda: _become_worker(go, argv, request.token, control, preloaded))
+        _intermediate(report_w, batch, control, preloaded)
     os.close(report_w)
     report = b""
-    while chunk := os.read(report_r, 512):
+    while chunk := os.read(report_r, 4096):
         report += chunk
     os.close(report_r)
     os.waitpid(middle, 0)
-    if len(report) == 8:
-        return Spawned(request.worker_id, int.from_bytes(report, "little"))
-    return SpawnFailed(request.worker_id, report.decode(errors="replace") or "fork failed")
+    replies: list[Spawned | SpawnFailed] = []
+    for i, (request, _) in enumerate(batch):
+        record = report[8 * i : 8 * i + 8]
+        pid = int.from_bytes(record, "little", signed=True) if len(record) == 8 else 0
+        if pid > 0:
+            replies.append(Spawned(request.worker_id, pid))
+        else:
+            why = os.strerror(-pid) if pid < 0 else "the intermediate process died"
+            replies.append(SpawnFailed(request.worker_id, f"fork failed: {why}"))
+    return replies
 
 
-def _intermediate(report: int, become_worker: Callable[[], NoReturn]) -> NoReturn:
-    code = 0
+def _intermediate(
+    report: int, batch: list[Request], control: socket.socket, preloaded: worker.Preloaded
+) -> NoReturn:
+    """Fork one worker per request, write each pid (or minus errno), exit: never return."""
     try:
-        pid = os.fork()
-        if pid == 0:
-            os.close(report)
-            become_worker()
-        os.write(report, pid.to_bytes(8, "little"))
-    except BaseException as exc:
-        code = 1
-        try:
-            os.write(report, f"fork failed: {exc}".encode()[:200])
-        except OSError:
-            pass
+        for request, fds in batch:
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                pid = -(exc.errno or 1)
+            if pid == 0:
+                os.close(report)
+                for _, other in batch:  # a worker holds its own descriptors only
+                    if other is not fds:
+                        _close(other)
+                _become_worker(request, fds, control, preloaded)
+            os.write(report, pid.to_bytes(8, "little", signed=True))
     finally:
-        os._exit(code)
+        os._exit(0)
 
 
 def _become_worker(
-    go: int, argv: list[str], token: str, control: socket.socket, preloaded: worker.Preloaded
+    request: Spawn, fds: list[int], control: socket.socket, preloaded: worker.Preloaded
 ) -> NoReturn:
     """In the forked worker: wait for Gru's go, then boot and serve; never return."""
+    go, extra = fds[0], fds[1:]
+    argv = [*request.argv, *(["--fds", ",".join(map(str, extra))] if extra else [])]
     code = 1
     try:
         control.close()
@@ -224,7 +281,7 @@ def _become_worker(
             code = ORPHANED_EXIT
         else:
             os.close(go)
-            code = worker.run(worker.parse_args(argv), token, preloaded)
+            code = worker.run(worker.parse_args(argv), request.token, preloaded)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
