@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from types import ModuleType
 from typing import Any
@@ -87,8 +88,10 @@ class Pipelined(WorkerService):
 
 
 def _in_worker() -> bool:
+    """True in a worker process, or in the zygote that forks workers (it imports this module
+    once for all of them)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return spec is not None and spec.name == "minions.ipc.worker"
+    return spec is not None and spec.name in ("minions.ipc.worker", "minions.ipc.zygote")
 
 
 class Drifted(WorkerService):
@@ -119,3 +122,23 @@ class Stubborn(WorkerService):
     @expose
     def ping(self, x: int) -> int:
         return x
+
+
+class Probe(WorkerService):
+    """Reports what a worker process holds, from inside it: descriptors and imported modules."""
+
+    @expose
+    def fds(self) -> dict[int, str]:
+        """Every open descriptor and what it points at (``pipe:[inode]``, a path, ...)."""
+        out = {}
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+            except OSError:  # the listing's own descriptor, closed already
+                continue
+        return out
+
+    @expose
+    def imported(self, names: list[str]) -> list[str]:
+        """Which of ``names`` this worker has imported."""
+        return sorted(n for n in names if n in sys.modules)

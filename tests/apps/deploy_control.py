@@ -110,7 +110,16 @@ def poll_until(
 
 
 def workers_of(gru: psutil.Process) -> list[psutil.Process]:
-    return [c for c in gru.children() if WORKER_MODULE in " ".join(c.cmdline())]
+    """Gru's worker processes: exec'd ones by their command line, forked ones (which carry
+    the zygote's command line) by the name they give themselves, ``minions-w<id>``."""
+    out = []
+    for child in gru.children():
+        try:
+            if child.name().startswith("minions-w") or WORKER_MODULE in " ".join(child.cmdline()):
+                out.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return out
 
 
 def named_children(gru: psutil.Process, name: str) -> list[psutil.Process]:

@@ -13,8 +13,6 @@ import time
 from types import ModuleType
 from typing import Any
 
-import psutil
-
 from minions.ipc.service import WorkerService, expose
 
 
@@ -94,6 +92,8 @@ class NativeDemo(WorkerService):
     @expose
     def rss_mb(self) -> float:
         """Resident set size of this worker process, in MiB."""
+        import psutil  # here, not at the top: every worker would import it at boot
+
         return psutil.Process().memory_info().rss / (1024 * 1024)
 
     @expose

@@ -1,23 +1,29 @@
-"""The worker process: a fresh interpreter serving one ``WorkerService`` over a DEALER socket.
+"""The worker process: a fresh interpreter, or a fork of the pool's zygote, serving one
+``WorkerService`` over a DEALER socket.
 
-Started by the pool as ``python -m minions.ipc.worker ...`` (never a fork of Gru). Order of
-boot matters: arm parent-death signalling first (so a Gru killed at any moment leaves no
-orphan), then faulthandler to the per-worker crash file (so a segfault in ``setup()`` is already
-explained), then import the service and run ``setup()``, and only then say hello. Calls are
-served strictly one at a time, in arrival order; the pool relies on that order to know which
-call killed a worker.
+Started by the pool either as ``python -m minions.ipc.worker ...`` (exec spawn) or forked by the
+pool's zygote (``minions.ipc.zygote``), which calls :func:`run` in the new process; never a fork
+of Gru. Order of boot matters: arm parent-death signalling first (so a Gru killed at any moment
+leaves no orphan), then faulthandler to the per-worker crash file (so a segfault in ``setup()`` is
+already explained), then import the service and run ``setup()``, and only then make the ZeroMQ
+context and say hello. Calls are served strictly one at a time, in arrival order; the pool relies
+on that order to know which call killed a worker.
+
+The import chain is kept short because an exec-spawned worker pays for it on every respawn:
+no argparse (a dozen fixed options), ``traceback`` only when something failed, nothing of the
+parent's side (``minions.pool``, psutil, Prometheus, asyncio).
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
+import dataclasses
 import faulthandler
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import IO, Any
 
 import msgspec
@@ -26,24 +32,94 @@ import zmq
 from minions.errors import ProtocolError
 from minions.ipc import messages as m
 from minions.ipc.arena import WorkerArena
+from minions.ipc.exits import BOOT_FAILED_EXIT, ORPHANED_EXIT
 from minions.ipc.marker import CallMarker, marker_path
 from minions.ipc.payload import decode_keywords, decode_list, encode_result, fill_buffers
-from minions.ipc.service import MethodSpec, describe, load_service
-from minions.pool.verdict import BOOT_FAILED_EXIT, ORPHANED_EXIT
+from minions.ipc.service import MethodSpec, WorkerService, describe, load_service
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 TOKEN_ENV = "MINIONS_WORKER_TOKEN"
+USAGE = (
+    "usage: minions worker --endpoint ADDR --service MODULE:CLASS --worker-id N --identity ID "
+    "--crash-file PATH --parent-pid PID [--heartbeat-s S] [--fds FD,FD...] [--arena-slot I]"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerArgs:
+    """A worker's arguments: rendered by the pool (:meth:`argv`), parsed by the worker
+    (:func:`parse_args`). The token is never among them: it travels in the environment (exec)
+    or in the zygote's spawn request, so it never shows in ``ps``."""
+
+    endpoint: str
+    service: str
+    worker_id: int
+    identity: str
+    crash_file: str
+    parent_pid: int
+    heartbeat_s: float = 1.0
+    fds: tuple[int, ...] = ()  # descriptors the pool handed over, as numbered here
+    arena_slot: int = -1  # which of ``fds`` is the worker's shared-memory arena (-1: none)
+
+    def argv(self) -> list[str]:
+        out = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "fds":
+                if not value:
+                    continue
+                value = ",".join(str(fd) for fd in value)
+            out += [f"--{f.name.replace('_', '-')}", str(value)]
+        return out
+
+
+def parse_args(argv: Sequence[str]) -> WorkerArgs:
+    """Parse ``--name value`` pairs; a bad command line exits with status 2 and the usage."""
+    if "--help" in argv or "-h" in argv:
+        print(f"{USAGE}\n\nServe a WorkerService; started by a pool, not by hand.")
+        raise SystemExit(0)
+    fields = {f"--{f.name.replace('_', '-')}": f for f in dataclasses.fields(WorkerArgs)}
+    values: dict[str, Any] = {}
+    try:
+        if len(argv) % 2:
+            raise ValueError(f"option {argv[-1]!r} has no value")
+        for flag, text in zip(argv[::2], argv[1::2], strict=True):
+            f = fields.get(flag)
+            if f is None:
+                raise ValueError(f"unknown option {flag!r}")
+            if f.name == "fds":
+                values[f.name] = tuple(int(fd) for fd in text.split(",") if fd)
+            else:
+                values[f.name] = {"int": int, "float": float}.get(str(f.type), str)(text)
+        return WorkerArgs(**values)
+    except (ValueError, TypeError) as exc:  # TypeError: a required option is missing
+        print(f"minions worker: {exc}\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _prctl(option: int, arg: int | bytes) -> bool:
+    try:
+        return bool(ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0) == 0)
+    except (OSError, AttributeError):  # not Linux
+        return False
 
 
 def arm_parent_death(parent_pid: int) -> None:
-    """Ask the kernel to SIGKILL us when the parent dies; exit now if it already has."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the idle-time getppid() check still works
-        pass
+    """Ask the kernel to SIGKILL us when the parent dies; exit now if it already has.
+
+    The check comes after arming: a parent that died just before would otherwise be missed.
+    For a forked worker the parent is Gru, which adopted it (child subreaper) before telling it
+    to boot, so ``parent_pid`` is Gru's pid in both spawn modes."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # not Linux: the idle getppid() check still works
     if os.getppid() != parent_pid:
         os._exit(ORPHANED_EXIT)
+
+
+def name_process(name: str) -> None:
+    """Set the name ``ps -o comm`` and ``top`` show (at most 15 bytes): a forked worker still
+    carries the zygote's command line, its name tells it apart."""
+    _prctl(_PR_SET_NAME, name.encode()[:15])
 
 
 def prefer_oom_kill(score: int = 500) -> None:
@@ -107,6 +183,8 @@ def _describe(exc: BaseException) -> str:
 
 
 def _traceback() -> str:
+    import traceback  # only once something failed: not on every worker's boot path
+
     try:
         return traceback.format_exc()
     except Exception:  # formatting calls __str__ again; the type and frames still help
@@ -155,34 +233,46 @@ def _release(views: list[memoryview]) -> None:
             pass
 
 
-def _boot(service_path: str, crash: IO[str]) -> tuple[Any, dict[str, _Handler]]:
-    """Import the service and run ``setup()``; on failure write why to the crash file and exit."""
+Preloaded = tuple[type[WorkerService], dict[str, MethodSpec]]
+"""A service class and its handler specs, imported and described before the fork (zygote)."""
+
+
+def _boot(
+    service_path: str, crash: IO[str], preloaded: Preloaded | None
+) -> tuple[WorkerService, dict[str, _Handler]]:
+    """Import the service (unless the zygote did) and run ``setup()``; on failure write why to
+    the crash file and exit."""
     try:
-        cls = load_service(service_path)
+        if preloaded is None:
+            cls = load_service(service_path)
+            specs = describe(cls)
+        else:
+            cls, specs = preloaded
         service = cls()
         service.setup()
-        handlers = {
-            name: _Handler(spec, getattr(service, name)) for name, spec in describe(cls).items()
-        }
+        handlers = {name: _Handler(spec, getattr(service, name)) for name, spec in specs.items()}
     except BaseException:
-        crash.write(traceback.format_exc())
+        crash.write(_traceback())
         crash.flush()
         os._exit(BOOT_FAILED_EXIT)
     return service, handlers
 
 
-def run(args: argparse.Namespace) -> int:
-    """Boot, say hello, serve until told to stop or the parent is gone."""
+def run(args: WorkerArgs, token: str, preloaded: Preloaded | None = None) -> int:
+    """Boot, say hello, serve until told to stop or the parent is gone.
+
+    Called in the worker process: by :func:`main` after an exec, by the zygote after a fork
+    (with the service it already imported). ``token`` is the pool's, for the hello."""
     arm_parent_death(args.parent_pid)
+    name_process(f"minions-w{args.worker_id}")
     prefer_oom_kill()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to Gru, which stops us
     crash = open(args.crash_file, "w", buffering=1)  # noqa: SIM115 - lives as long as we do
     faulthandler.enable(file=crash, all_threads=True)
     faulthandler.register(signal.SIGUSR1, file=crash, all_threads=True, chain=False)
-    token = os.environ.pop(TOKEN_ENV, "")
-    service, handlers = _boot(args.service, crash)
+    service, handlers = _boot(args.service, crash, preloaded)
     marker = CallMarker(marker_path(args.crash_file))
-    arena = WorkerArena(args.arena_fd) if args.arena_fd >= 0 else None
+    arena = WorkerArena(args.fds[args.arena_slot]) if args.arena_slot >= 0 else None
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -207,7 +297,7 @@ def _serve(
     handlers: dict[str, _Handler],
     marker: CallMarker,
     arena: WorkerArena | None,
-    args: argparse.Namespace,
+    args: WorkerArgs,
 ) -> None:
     sock.setsockopt(zmq.RCVTIMEO, int(args.heartbeat_s * 1000))  # idle -> heartbeat
     heartbeat = m.encoder.encode(m.Heartbeat())
@@ -238,21 +328,11 @@ def _serve(
                     pass
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="minions worker", description="Serve a WorkerService.")
-    p.add_argument("--endpoint", required=True)
-    p.add_argument("--service", required=True)
-    p.add_argument("--worker-id", type=int, required=True)
-    p.add_argument("--identity", required=True)
-    p.add_argument("--crash-file", required=True)
-    p.add_argument("--parent-pid", type=int, required=True)
-    p.add_argument("--heartbeat-s", type=float, default=1.0)
-    p.add_argument("--arena-fd", type=int, default=-1, help="inherited memfd of the arena")
-    return p.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(parse_args(argv))
+    """Entry point after an exec spawn: the token comes in the environment, which is then
+    cleared of it so that nothing the service starts inherits it."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return run(args, os.environ.pop(TOKEN_ENV, ""))
 
 
 if __name__ == "__main__":

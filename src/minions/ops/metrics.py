@@ -73,6 +73,18 @@ WORKER_RESTARTS = Counter(
     ["pool"],
     registry=REGISTRY,
 )
+WORKER_SPAWNS = Counter(
+    "minions_worker_spawns",
+    "Worker processes started, by how: forked from the pool's zygote, or exec.",
+    ["pool", "via"],
+    registry=REGISTRY,
+)
+ZYGOTE_RESTARTS = Counter(
+    "minions_zygote_restarts",
+    "Zygote processes started to replace one that ended.",
+    ["pool"],
+    registry=REGISTRY,
+)
 WORKERS_ALIVE = Gauge(
     "minions_workers_alive",
     "Worker processes that completed their hello and are serving.",

@@ -263,3 +263,27 @@ class OrphanReaper:
     def watched(self) -> int:
         """Unclaimed zombies seen and not yet past their grace."""
         return len(self._seen)
+
+
+_shared: OrphanReaper | None = None
+_holders = 0
+
+
+def hold(logger: _Logger) -> None:
+    """Keep one reaper sweeping for this process while anyone holds it: Gru does, and so does
+    every pool that makes the process a child subreaper (a standalone pool forking workers from
+    its zygote adopts orphans too, with no Gru to reap them). On the running loop."""
+    global _shared, _holders
+    _holders += 1
+    if _shared is None:
+        _shared = OrphanReaper(logger)
+        _shared.start()
+
+
+async def unhold() -> None:
+    """Give up a :func:`hold`; the last holder stops the reaper."""
+    global _shared, _holders
+    _holders = max(0, _holders - 1)
+    if _holders == 0 and _shared is not None:
+        reaper, _shared = _shared, None
+        await reaper.stop()

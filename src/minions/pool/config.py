@@ -8,12 +8,20 @@ them into one frozen object, and a bad value raises ``ValueError`` naming the se
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from minions.ops.memory import MemoryThresholds
 from minions.pool.states import CrashLoopPolicy
+
+
+class SpawnMode(enum.Enum):
+    """How a pool starts its worker processes (the ``spawn`` setting)."""
+
+    ZYGOTE = "zygote"  # forked from the pool's zygote: fast respawn, pages shared (the default)
+    EXEC = "exec"  # a fresh interpreter each: for services whose module cannot be forked safely
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +58,7 @@ class PoolConfig:
     arena_mb: float = 64.0
     arena_min_bytes: int = 65536
     memory: MemoryThresholds | None = None  # standalone pools: run an own memory monitor
+    spawn: SpawnMode = SpawnMode.ZYGOTE
 
     def __post_init__(self) -> None:
         if not isinstance(self.service, str) or self.service.count(":") != 1:
@@ -72,6 +81,12 @@ class PoolConfig:
                 raise ValueError(
                     f"on_crash_loop must be one of {choices}, got {self.on_crash_loop!r}"
                 ) from None
+        if not isinstance(self.spawn, SpawnMode):
+            try:  # a class attribute may name it: spawn = "exec"
+                object.__setattr__(self, "spawn", SpawnMode(self.spawn))
+            except ValueError:
+                choices = [mode.value for mode in SpawnMode]
+                raise ValueError(f"spawn must be one of {choices}, got {self.spawn!r}") from None
         if self.memory is not None and not isinstance(self.memory, MemoryThresholds):
             raise ValueError(f"memory must be a MemoryThresholds or None, got {self.memory!r}")
 

@@ -442,7 +442,7 @@ class WorkerPool(Calling[S], Resource):
             circuit=sup.breaker.state,
             workers_ready=sup.count_dispatchable(),
             spares_ready=sup.count(Phase.READY, dispatchable=False),
-            booting=sup.count(Phase.BOOTING),
+            booting=sup.count_booting(),
             in_flight=self._dispatcher.in_flight,
             queue_depth=self._dispatcher.queue_depth,
             memory_level=self._pressure.level,
@@ -450,6 +450,8 @@ class WorkerPool(Calling[S], Resource):
             workers=sup.rows(self._dispatcher.describe_lane),
             restarts=sup.restarts,
             circuit_opened=sup.breaker.opened,
+            zygote_pid=sup.spawner.zygote_pid,
+            zygote_restarts=sup.spawner.zygote_restarts,
         )
 
     def worker_pids(self) -> list[int]:

@@ -1,18 +1,20 @@
-"""One worker process as the pool sees it: spawn, watch for death, signal, reap.
+"""One worker process as the pool sees it: watch for death, signal, reap.
 
 Death detection is event-driven: a pidfd (Linux >= 5.3) becomes readable the moment the child
 exits, and the pool puts it on the event loop with ``add_reader``; no polling, no SIGCHLD
-handler, no watcher thread. Workers are fresh interpreters (``python -m minions.ipc.worker``),
-never forks of Gru, so they inherit none of its threads, sockets or locks.
+handler, no watcher thread. Workers are fresh interpreters or forks of the pool's zygote (see
+``spawn.py``), never forks of Gru, so they inherit none of its threads, sockets or locks. Either
+way the worker is a child of this process (a forked one is adopted: Gru is a child subreaper),
+so :meth:`WorkerProcess.reap` reads its exact exit status with ``waitid`` on the pidfd.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +22,17 @@ from typing import TYPE_CHECKING
 
 from minions.ipc.arena import ParentArena
 from minions.ipc.marker import marker_path, read_running_call
-from minions.ipc.worker import TOKEN_ENV
 from minions.ops import reaper
+from minions.pool.config import SpawnMode
 from minions.pool.events import WorkerRef
 
 if TYPE_CHECKING:
     from minions.pool.verdict import DeathCause
+
+log = logging.getLogger("minions.pool")
+
+#: What :meth:`WorkerProcess.reap` reports when the exit status was taken by someone else.
+LOST_STATUS = 255
 
 
 class Role(enum.Enum):
@@ -41,15 +48,6 @@ class Phase(enum.Enum):
     DEAD = "dead"  # reaped
 
 
-def _worker_env(token: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env[TOKEN_ENV] = token
-    # The worker must import what the parent can: its sys.path, '' made explicit.
-    paths = [p or os.getcwd() for p in sys.path]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    return env
-
-
 @dataclass(eq=False)
 class WorkerProcess:
     """A spawned worker process, as the Supervisor tracks it (the calls it owes are the
@@ -57,10 +55,12 @@ class WorkerProcess:
 
     worker_id: int
     identity: bytes
-    popen: subprocess.Popen[bytes]
+    pid: int
     pidfd: int
     crash_file: Path
     role: Role
+    via: SpawnMode = SpawnMode.EXEC  # how it was spawned
+    popen: subprocess.Popen[bytes] | None = None  # exec spawns only; told the status at reap
     phase: Phase = Phase.BOOTING
     spawned_at: float = field(default_factory=time.monotonic)
     calls_served: int = 0
@@ -72,67 +72,11 @@ class WorkerProcess:
     ref: WorkerRef = field(init=False)  # how the Dispatcher and events name it
 
     def __post_init__(self) -> None:
-        self.ref = WorkerRef(self.worker_id, self.popen.pid, self.identity, self.arena)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
+        self.ref = WorkerRef(self.worker_id, self.pid, self.identity, self.arena)
 
     @property
     def dispatchable(self) -> bool:
         return self.phase is Phase.READY and self.role is Role.ACTIVE
-
-    @classmethod
-    def spawn(
-        cls,
-        *,
-        worker_id: int,
-        identity: bytes,
-        role: Role,
-        service: str,
-        endpoint: str,
-        token: str,
-        crash_file: Path,
-        heartbeat_s: float,
-        arena: ParentArena | None = None,
-    ) -> WorkerProcess:
-        argv = [
-            sys.executable,
-            "-m",
-            "minions.ipc.worker",
-            "--endpoint",
-            endpoint,
-            "--service",
-            service,
-            "--worker-id",
-            str(worker_id),
-            "--identity",
-            identity.decode(),
-            "--crash-file",
-            str(crash_file),
-            "--parent-pid",
-            str(os.getpid()),
-            "--heartbeat-s",
-            str(heartbeat_s),
-        ]
-        fds = (arena.fd,) if arena is not None else ()  # the worker inherits these, by number
-        argv += [f"--arena-fd={fd}" for fd in fds]
-        try:
-            popen = subprocess.Popen(
-                argv, env=_worker_env(token), stdin=subprocess.DEVNULL, pass_fds=fds
-            )
-        finally:
-            if arena is not None:
-                arena.close_fd()  # the worker holds its own copy now (or never will)
-        reaper.claim(popen.pid)  # reap() reads its exit status: the orphan reaper must not
-        try:
-            pidfd = os.pidfd_open(popen.pid)
-        except OSError:
-            popen.kill()
-            popen.wait()
-            reaper.release(popen.pid)
-            raise
-        return cls(worker_id, identity, popen, pidfd, crash_file, role, arena=arena)
 
     def send_signal(self, signum: int) -> None:
         """Signal the process unless it is already reaped (pidfd_send_signal is race-free)."""
@@ -150,9 +94,19 @@ class WorkerProcess:
             self.arena.close()
 
     def reap(self) -> int:
-        """Collect the exit status once the pidfd said it exited; close the pidfd."""
-        returncode = self.popen.wait()
+        """Collect the exit status once the pidfd said it exited; close the pidfd. Returns it
+        the way ``subprocess`` does: the exit code, or minus the signal that killed it."""
+        returncode = wait_pidfd(self.pidfd)
         reaper.release(self.pid)
+        if returncode is None:
+            log.error(
+                "worker %d (pid %d): its exit status was collected by someone else in this "
+                "process (a waitpid(-1) loop?); reported as exit code %d",
+                self.worker_id, self.pid, LOST_STATUS,
+            )  # fmt: skip
+            returncode = LOST_STATUS
+        if self.popen is not None:
+            self.popen.returncode = returncode  # it must never wait for the pid again
         os.close(self.pidfd)
         self.pidfd = -1
         self.phase = Phase.DEAD
@@ -178,3 +132,14 @@ class WorkerProcess:
         finally:
             self.crash_file.unlink(missing_ok=True)
         return text.strip()
+
+
+def wait_pidfd(pidfd: int) -> int | None:
+    """Reap the exited child ``pidfd`` names; ``None`` if it is not (or no longer) our child."""
+    try:
+        result = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+    except ChildProcessError:
+        return None
+    if result is None:  # only with WNOHANG; kept for the type checker
+        return None
+    return result.si_status if result.si_code == os.CLD_EXITED else -result.si_status

@@ -69,6 +69,8 @@ class PoolSnapshot:
     workers: tuple[WorkerSnapshot, ...] = ()
     restarts: int = 0  # unplanned worker deaths that were replaced, since the pool started
     circuit_opened: int = 0  # times the circuit opened, since the pool started
+    zygote_pid: int = 0  # the zygote workers are forked from; 0: none (exec, or it is down)
+    zygote_restarts: int = 0  # zygotes started to replace one that died
 
 
 _OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (

@@ -14,12 +14,14 @@ it the circuit opens and re-closes once a fresh worker boots after the reset del
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Protocol
 
 import psutil
@@ -35,6 +37,7 @@ from minions.pool.config import PoolConfig
 from minions.pool.events import Death, Settlement, WorkerRef
 from minions.pool.intensity import Backoff, RestartDecision, RestartIntensity
 from minions.pool.process import Phase, Role, WorkerProcess
+from minions.pool.spawn import Spawned, Spawner, WorkerSpec
 from minions.pool.states import Circuit, WorkerSnapshot
 from minions.pool.verdict import DeathCause, Verdict, classify
 
@@ -69,6 +72,9 @@ class Supervisor:
         self._events = events
         self._send = send
         self._workers: dict[bytes, WorkerProcess] = {}
+        self._spawning: dict[int, Role] = {}  # asked for, not yet a process (zygote replies)
+        self._arenas: dict[int, ParentArena] = {}  # the arenas of those, until they exist
+        self.spawner = Spawner(config, pool_name, self)
         self._worker_ids = itertools.count(1)
         self._intensity = RestartIntensity(config.restart_intensity, config.restart_period_s)
         self._backoff = Backoff(config.restart_backoff_initial_s, config.restart_backoff_max_s)
@@ -94,6 +100,7 @@ class Supervisor:
         self._methods = tuple(sorted(methods))
         self._loop = asyncio.get_running_loop()
         self._supervising = True
+        self.spawner.start()
         self.spawn_missing()
 
     def tick(self, now: float) -> None:
@@ -101,6 +108,7 @@ class Supervisor:
         self.enforce_boot_deadlines(now)
         self.retry_circuit(now)
         self.recycle_bloated(now)
+        self.spawner.tick(now)
         self.spawn_missing()
 
     # --- spawning ----------------------------------------------------------------------------
@@ -112,43 +120,62 @@ class Supervisor:
         if time.monotonic() < self._next_spawn_at:
             return
         live = [w for w in self._workers.values() if w.phase in (Phase.BOOTING, Phase.READY)]
-        active = sum(1 for w in live if w.role is Role.ACTIVE)
+        roles = [w.role for w in live] + list(self._spawning.values())
+        active = roles.count(Role.ACTIVE)
         for _ in range(self.cfg.workers - active):
             self._spawn(Role.ACTIVE)
-        for _ in range(self.cfg.spare_workers - (len(live) - active)):
+        for _ in range(self.cfg.spare_workers - (len(roles) - active)):
             self._spawn(Role.SPARE)
 
     def _spawn(self, role: Role) -> None:
-        assert self._endpoint is not None and self._loop is not None
+        assert self._endpoint is not None
         worker_id = next(self._worker_ids)
         arena = None
-        try:
-            if self._arena_size:  # the worker's shared memory lives exactly as long as it does
+        if self._arena_size:  # the worker's shared memory lives exactly as long as it does
+            try:
                 name, least = f"{self.pool_name}:w{worker_id}", self.cfg.arena_min_bytes
                 arena = ParentArena.create(self._arena_size, name, least)
-            worker = WorkerProcess.spawn(
-                worker_id=worker_id,
-                identity=f"w{worker_id}-{secrets.token_hex(4)}".encode(),  # unguessable
-                role=role,
-                service=self.cfg.service,
-                endpoint=self._endpoint.address,
-                token=self._endpoint.token,
-                crash_file=self._endpoint.crash_file(worker_id, 0),
-                heartbeat_s=self.cfg.heartbeat_s,
-                arena=arena,
-            )
-        except OSError as exc:
-            log.error("pool %s: cannot spawn a worker: %s", self.pool_name, exc)
-            self._next_spawn_at = time.monotonic() + self._backoff.next_delay()
-            if arena is not None:
-                arena.close()
-            return
-        self._workers[worker.identity] = worker
-        self._loop.add_reader(worker.pidfd, self.on_exit, worker)
-        log.info(
-            "pool %s: spawned worker %d (pid %d) as %s",
-            self.pool_name, worker_id, worker.pid, role.value,
+            except OSError as exc:
+                log.error("pool %s: cannot make a worker's arena: %s", self.pool_name, exc)
+                self._next_spawn_at = time.monotonic() + self._backoff.next_delay()
+                return
+        self._spawning[worker_id] = role
+        spec = WorkerSpec.for_pool(self._endpoint, self.cfg, worker_id)
+        if arena is not None:  # its fd stays open until the worker holds its own copy
+            self._arenas[worker_id] = arena
+            args = dataclasses.replace(spec.args, arena_slot=0)
+            spec = dataclasses.replace(spec, args=args, pass_fds=(arena.fd,))
+        self.spawner.spawn(spec)
+
+    def spawned(self, worker: Spawned) -> None:
+        """The Spawner made the process: it joins the table; its pidfd goes on the loop."""
+        assert self._loop is not None
+        spec = worker.spec
+        role = self._spawning.pop(spec.worker_id)
+        arena = self._arenas.pop(spec.worker_id, None)
+        if arena is not None:
+            arena.close_fd()  # the worker has its own descriptor; ours stays mapped
+        process = WorkerProcess(
+            spec.worker_id, spec.args.identity.encode(), worker.pid, worker.pidfd,
+            Path(spec.args.crash_file), role, worker.via, worker.popen, arena=arena,
         )  # fmt: skip
+        self._workers[process.identity] = process
+        self._loop.add_reader(process.pidfd, self.on_exit, process)
+        log.info(
+            "pool %s: spawned worker %d (pid %d) as %s via %s",
+            self.pool_name, process.worker_id, process.pid, role.value, worker.via.value,
+        )  # fmt: skip
+        if not self._supervising:  # answered after the pool began to stop
+            self._kill(process, DeathCause.STOPPED)
+
+    def spawn_failed(self, spec: WorkerSpec, why: str) -> None:
+        self._spawning.pop(spec.worker_id, None)
+        arena = self._arenas.pop(spec.worker_id, None)
+        if arena is not None:
+            arena.close()
+        if self._supervising:
+            log.error("pool %s: cannot spawn a worker: %s", self.pool_name, why)
+            self._next_spawn_at = time.monotonic() + self._backoff.next_delay()
 
     async def wait_booted(self) -> None:
         """Wait until every initial active worker said hello; raise if one failed to boot."""
@@ -412,12 +439,15 @@ class Supervisor:
             self._events.circuit_changed(Circuit.HALF_OPEN, 0.0)
 
     def _swap_for_booting(self, spare: WorkerProcess) -> None:
-        """A spare booted while an active slot still waits for its replacement to boot: the
-        spare serves now and the booting one becomes the spare."""
+        """A spare booted while an active slot still waits for its replacement (booting, or
+        not even forked yet): the spare serves now and the replacement becomes the spare."""
         waiting = (w for w in self._workers.values() if w.role is Role.ACTIVE)
         booting = next((w for w in waiting if w.phase is Phase.BOOTING), None)
+        asked = next((i for i, role in self._spawning.items() if role is Role.ACTIVE), None)
         if booting is not None:
             booting.role, spare.role = Role.SPARE, Role.ACTIVE
+        elif asked is not None:
+            self._spawning[asked], spare.role = Role.SPARE, Role.ACTIVE
 
     def _promote_spare(self, gone: WorkerProcess) -> None:
         """``gone`` stops taking calls: hand its active slot to a ready spare, if any."""
@@ -479,7 +509,9 @@ class Supervisor:
                     self._events.worker_leaving(worker.ref, doomed=True)
                 worker.phase = Phase.RETIRING
                 self._stop(worker, DeathCause.STOPPED, step)
-        ok = await wait_until(lambda: not self._workers, 3 * step + 1.0)
+        ok = await wait_until(lambda: not self._workers and not self._spawning, 3 * step + 1.0)
+        await self.spawner.close(step)  # after: workers it forked meanwhile were answered
+        ok = await wait_until(lambda: not self._workers, step + 1.0) and ok
         if not ok:  # cannot happen unless the kernel refuses SIGKILL; never leave a zombie
             for worker in list(self._workers.values()):
                 worker.send_signal(signal.SIGKILL)
@@ -496,6 +528,10 @@ class Supervisor:
             for w in self._workers.values()
             if w.phase is phase and (dispatchable is None or w.dispatchable == dispatchable)
         )
+
+    def count_booting(self) -> int:
+        """Workers on their way: spawned with no hello yet, or asked of the zygote."""
+        return self.count(Phase.BOOTING) + len(self._spawning)
 
     def pids(self) -> list[int]:
         """Pids of every live worker process (for the memory monitor)."""

@@ -14,11 +14,6 @@ from dataclasses import dataclass
 
 from minions.errors import signal_name
 
-#: Exit code a worker uses when its service could not be imported or ``setup()`` raised.
-BOOT_FAILED_EXIT = 3
-#: Exit code a worker uses when it noticed its parent is gone.
-ORPHANED_EXIT = 4
-
 
 class DeathCause(enum.Enum):
     """Why a worker ended. ``planned`` causes are the pool's own doing and are not crashes."""

@@ -23,9 +23,9 @@ from typing import Any, Self
 
 from minions._tasks import supervise_tasks
 from minions.errors import GruError
+from minions.ops import reaper
 from minions.ops.levels import MemoryLevel
 from minions.ops.memory import MemoryMonitor, MemoryThresholds
-from minions.ops.reaper import OrphanReaper
 from minions.pool.pool import WorkerPool
 from minions.resource import Resource, stopping_by
 from minions.runtime import assembly
@@ -91,7 +91,6 @@ class Gru:
             self._task_failed, self._ops.update_status,
         )  # fmt: skip
         self._signal_queue = SignalQueue(self.handle_term)
-        self._reaper = OrphanReaper(self.logger)  # acts only as PID 1 or a child subreaper
         self._closed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shutdown_result: ShutdownResult | None = None
@@ -192,7 +191,7 @@ class Gru:
                 await store.open()
             await gru._ops.start()
             gru._install_signal_handlers()
-            gru._reaper.start()
+            reaper.hold(gru.logger)  # sweeps only while Gru is PID 1 or a child subreaper
             gru._ops.serve_control(gru)
         except BaseException:
             await gru._ops.stop()
@@ -337,7 +336,7 @@ class Gru:
         """Release the process: signal handlers, helper tasks, the singleton slot."""
         global _live_gru
         self._signal_queue.remove()
-        await self._reaper.stop()
+        await reaper.unhold()
         current = asyncio.current_task()
         helpers = [t for t in (self._signal_queue.task, *self._tasks) if t and t is not current]
         for task in helpers:
