@@ -29,6 +29,10 @@ class Echo(WorkerService):
     def explode(self) -> None:
         raise KeyError("no such key")
 
+    @expose
+    def scale(self, x: int, *, factor: int = 2, offset: int) -> int:
+        return x * factor + offset
+
 
 def _handlers() -> dict[str, _Handler]:
     service = Echo()
@@ -61,6 +65,28 @@ def test_worker_binds_and_validates_arguments(
     reply = _call(method, *args, **kwargs)
     assert isinstance(reply, m.Result)
     assert msgspec.msgpack.decode(reply.value) == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "expected"),
+    [
+        ((3,), {"offset": 1}, 7),
+        ((3,), {"factor": 10, "offset": 1}, 31),
+        ((), {"x": 3, "offset": 0}, 6),
+        ((3, 10, 1), {}, "positional"),  # keyword-only parameters are never positional
+        ((3,), {}, "offset"),  # a required keyword-only one is required
+    ],
+)
+def test_keyword_only_parameters_are_passed_by_name(
+    args: tuple[object, ...], kwargs: dict[str, object], expected: object
+) -> None:
+    reply = _call("scale", *args, **kwargs)
+    if isinstance(expected, int):
+        assert isinstance(reply, m.Result), reply
+        assert msgspec.msgpack.decode(reply.value) == expected
+    else:
+        assert isinstance(reply, m.Failure) and reply.kind is m.FailureKind.INVALID_ARGS
+        assert str(expected) in reply.message
 
 
 @pytest.mark.parametrize(

@@ -106,23 +106,30 @@ class MethodSpec:
     args_type: type[msgspec.Struct]
     result_type: Any
     idempotent: bool = True  # from @expose(idempotent=...)
+    positional: int = -1  # how many of ``params`` may be passed by position (-1: all)
 
 
-def _args_struct(cls: type, name: str, func: Callable[..., Any]) -> tuple[tuple[str, ...], type]:
+def _args_struct(
+    cls: type, name: str, func: Callable[..., Any]
+) -> tuple[tuple[str, ...], type, int]:
     hints = typing.get_type_hints(func)
     fields: list[Any] = []
     params: list[str] = []
+    positional = 0
     for param in list(inspect.signature(func).parameters.values())[1:]:
         ann = hints.get(param.name, Any)
         params.append(param.name)
-        if param.default is inspect.Parameter.empty:
-            fields.append((param.name, ann))
-        else:
+        positional += param.kind is param.POSITIONAL_OR_KEYWORD
+        if param.default is not inspect.Parameter.empty:
             fields.append((param.name, ann, param.default))
+        elif any(len(f) == 3 for f in fields):  # required keyword-only after an optional one:
+            fields.append((param.name, ann, msgspec.UNSET))  # UNSET marks it required
+        else:
+            fields.append((param.name, ann))
     struct = msgspec.defstruct(
         f"{cls.__name__}.{name}.args", fields, array_like=True, forbid_unknown_fields=True
     )
-    return tuple(params), struct
+    return tuple(params), struct, positional
 
 
 def describe(cls: type[WorkerService]) -> dict[str, MethodSpec]:
@@ -132,9 +139,9 @@ def describe(cls: type[WorkerService]) -> dict[str, MethodSpec]:
         idempotent = getattr(func, _EXPOSED, None)
         if idempotent is None:
             continue
-        params, args_type = _args_struct(cls, name, func)
+        params, args_type, positional = _args_struct(cls, name, func)
         result_type = typing.get_type_hints(func).get("return", Any)
-        specs[name] = MethodSpec(name, params, args_type, result_type, idempotent)
+        specs[name] = MethodSpec(name, params, args_type, result_type, idempotent, positional)
     return specs
 
 

@@ -135,7 +135,7 @@ def prefer_oom_kill(score: int = 500) -> None:
 class _Handler:
     """One exposed method, ready to validate and run a call."""
 
-    __slots__ = ("args_decoder", "declared", "fields", "func", "spec")
+    __slots__ = ("args_decoder", "declared", "fields", "func", "keyword_only", "positional", "spec")
 
     def __init__(self, spec: MethodSpec, func: Callable[..., Any]) -> None:
         self.spec = spec
@@ -145,6 +145,8 @@ class _Handler:
         # each parameter's type by position and by name: what an arena buffer becomes
         self.declared: dict[int | str, Any] = {f.name: f.type for f in self.fields}
         self.declared.update(enumerate(f.type for f in self.fields))
+        self.positional = spec.positional if spec.positional >= 0 else len(self.fields)
+        self.keyword_only = spec.params[self.positional :]  # passed by name, never by position
 
     def bind(
         self, call: m.Call, arena: WorkerArena | None, views: list[memoryview]
@@ -154,18 +156,25 @@ class _Handler:
         the handler are added to ``views``."""
         if call.buffers:
             return self._bind(*fill_buffers(call, arena, self.declared, views))
-        if len(call.kwargs) == 1:  # msgpack's empty map is the only one-byte map
+        if len(call.kwargs) == 1 and not self.keyword_only:  # the only one-byte map is {}
             return msgspec.structs.astuple(self.args_decoder.decode(call.args))
         return self._bind(decode_list(call.args), decode_keywords(call.kwargs))
 
+    def run(self, args: tuple[Any, ...]) -> Any:
+        """Call the handler with bound arguments, keyword-only ones by name."""
+        if not self.keyword_only:
+            return self.func(*args)
+        n = self.positional
+        return self.func(*args[:n], **dict(zip(self.keyword_only, args[n:], strict=True)))
+
     def _bind(self, positional: list[Any], keywords: dict[str, Any]) -> tuple[Any, ...]:
-        if len(positional) > len(self.fields):
-            raise TypeError(f"takes {len(self.fields)} arguments, got {len(positional)}")
+        if len(positional) > self.positional:
+            raise TypeError(f"takes {self.positional} positional arguments, got {len(positional)}")
         values: list[Any] = list(positional)
         for f in self.fields[len(positional) :]:
             if f.name in keywords:
                 values.append(keywords.pop(f.name))
-            elif f.required:
+            elif f.required or f.default is msgspec.UNSET:  # UNSET: see service._args_struct
                 raise TypeError(f"missing required argument {f.name!r}")
             else:
                 values.append(f.default if f.default is not msgspec.NODEFAULT else None)
@@ -211,7 +220,7 @@ def serve_call(
         except Exception as exc:  # ValidationError, DecodeError, TypeError, ArenaError, ...
             return _failure(call.call_id, m.FailureKind.INVALID_ARGS, exc)
         try:
-            value = handler.func(*args)
+            value = handler.run(args)
         except Exception as exc:
             return _failure(call.call_id, m.FailureKind.EXCEPTION, exc, _traceback())
         try:

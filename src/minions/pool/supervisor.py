@@ -43,7 +43,8 @@ from minions.pool.verdict import DeathCause, Verdict, classify
 
 log = logging.getLogger("minions.pool")
 
-_DUMP_BEFORE_KILL_S = 0.2  # time faulthandler gets to write a hung worker's stack
+_DUMP_WAIT_S = 1.0  # the longest a hung worker's SIGKILL waits for faulthandler's stack
+_DUMP_POLL_S = 0.01
 _STOP_ESCALATION_S = 2.0  # polite shutdown -> SIGTERM -> SIGKILL steps
 
 
@@ -265,8 +266,25 @@ class Supervisor:
             "pool %s: worker %d (pid %d) exceeded %gs on %s(); killing it",
             self.pool_name, worker.worker_id, worker.pid, timeout_s, method,
         )  # fmt: skip
+        dumped_from = _size(worker.crash_file)
         worker.send_signal(signal.SIGUSR1)  # faulthandler dumps where it is stuck
-        self._kill(worker, DeathCause.TIMEOUT, delay=_DUMP_BEFORE_KILL_S)
+        self._kill(worker, DeathCause.TIMEOUT, delay=_DUMP_WAIT_S)
+        self._kill_once_dumped(worker, dumped_from, -1, time.monotonic() + _DUMP_WAIT_S)
+
+    def _kill_once_dumped(self, worker: WorkerProcess, before: int, last: int, by: float) -> None:
+        """SIGKILL as soon as faulthandler's dump has landed (the crash file grew, then held
+        still for a poll), rather than after a fixed pause a loaded machine may not honour;
+        ``_kill``'s timer still fires at ``by`` if it never does."""
+        if worker.phase is Phase.DEAD or self._loop is None:
+            return
+        size = _size(worker.crash_file)
+        if size > before and size == last:
+            timer = self._stop_timers.pop(worker.worker_id, None)
+            if timer is not None:
+                timer.cancel()
+            worker.send_signal(signal.SIGKILL)
+        elif time.monotonic() < by:
+            self._loop.call_later(_DUMP_POLL_S, self._kill_once_dumped, worker, before, size, by)
 
     def kill_cancelled(self, ref: WorkerRef, method: str) -> None:
         """The caller of a ``cancel="kill"`` call gave up while it ran: kill its worker. The
@@ -567,3 +585,10 @@ class Supervisor:
     @property
     def empty(self) -> bool:
         return not self._workers
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
