@@ -28,7 +28,10 @@ import contenders as cs
 
 IN_FLIGHT = 64
 STEP_TIMEOUT_S = 60.0  # a hung contender fails the run instead of hanging it
-TARGETS = "latency <= 1.5x floor; throughput >= 0.5x floor and >= 3x ProcessPoolExecutor"
+TARGETS = (
+    "latency <= 1.5x floor; throughput >= 0.5x floor and >= 3x ProcessPoolExecutor; "
+    "parent CPU per call <= 1.15x floor"
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ MINIONS_WINDOWS = (None, 16, 256)  # max_in_flight; None: the default, 2 * worke
 class Samples:
     latency_us: list[float] = field(default_factory=list)
     throughput: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)  # parent CPU per call, throughput step
 
 
 _T0 = time.perf_counter()
@@ -81,17 +85,21 @@ async def measure_latency(c: cs.Contender, n: int) -> list[float]:
     return out
 
 
-async def measure_throughput(c: cs.Contender, per_lane: int) -> float:
-    """``IN_FLIGHT`` lanes each issue ``per_lane`` calls back to back: calls per second."""
+async def measure_throughput(c: cs.Contender, per_lane: int) -> tuple[float, float]:
+    """``IN_FLIGHT`` lanes each issue ``per_lane`` calls back to back: calls per second, and
+    the parent's CPU time per call (all its threads: the loop, ZeroMQ's I/O thread, an
+    executor's helpers) in microseconds."""
 
     async def lane(base: int) -> None:
         for i in range(base, base + per_lane):
             if await c.ping(i) != i:
                 raise AssertionError(f"{c.name}: wrong ping result")
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(lane(k * per_lane) for k in range(IN_FLIGHT)))
-    return IN_FLIGHT * per_lane / (time.perf_counter() - t0)
+    calls = IN_FLIGHT * per_lane
+    cpu_us = (time.process_time() - cpu0) * 1e6 / calls
+    return calls / (time.perf_counter() - t0), cpu_us
 
 
 async def run_rounds(contenders: list[cs.Contender], plan: Plan) -> dict[str, Samples]:
@@ -102,8 +110,11 @@ async def run_rounds(contenders: list[cs.Contender], plan: Plan) -> dict[str, Sa
             lat = await asyncio.wait_for(measure_latency(c, plan.latency_calls), STEP_TIMEOUT_S)
             samples[c.name].latency_us.extend(lat)
         for c in order:
-            tp = await asyncio.wait_for(measure_throughput(c, plan.calls_per_lane), STEP_TIMEOUT_S)
+            tp, cpu = await asyncio.wait_for(
+                measure_throughput(c, plan.calls_per_lane), STEP_TIMEOUT_S
+            )
             samples[c.name].throughput.append(tp)
+            samples[c.name].cpu_us.append(cpu)
         progress(f"round {r + 1}/{plan.rounds} done")
     return samples
 
@@ -267,6 +278,7 @@ def print_table(samples: dict[str, Samples], plan: Plan) -> None:
     lat = {n: statistics.median(s.latency_us) for n, s in samples.items()}
     p90 = {n: statistics.quantiles(s.latency_us, n=10)[-1] for n, s in samples.items()}
     tput = {n: statistics.median(s.throughput) for n, s in samples.items()}
+    cpu = {n: statistics.median(s.cpu_us) for n, s in samples.items()}
     floor, ppe = cs.Floor.name, cs.StdlibPool.name
     print(
         f"\nping round trip from asyncio; {plan.rounds} interleaved rounds; latency = median of "
@@ -275,7 +287,7 @@ def print_table(samples: dict[str, Samples], plan: Plan) -> None:
     )
     head = (
         f"{'contender':<22}{'lat p50 us':>11}{'p90 us':>9}{'/floor':>8}{'/PPE':>8}"
-        f"{'calls/s':>10}{'/floor':>8}{'/PPE':>8}"
+        f"{'calls/s':>10}{'/floor':>8}{'/PPE':>8}{'cpu us':>8}{'/floor':>8}"
     )
     print(head)
     print("-" * len(head))
@@ -284,6 +296,7 @@ def print_table(samples: dict[str, Samples], plan: Plan) -> None:
             f"{n:<22}{lat[n]:>11.1f}{p90[n]:>9.1f}{ratio(lat[n], lat.get(floor)):>8}"
             f"{ratio(lat[n], lat.get(ppe)):>8}{tput[n]:>10,.0f}"
             f"{ratio(tput[n], tput.get(floor)):>8}{ratio(tput[n], tput.get(ppe)):>8}"
+            f"{cpu[n]:>8.1f}{ratio(cpu[n], cpu.get(floor)):>8}"
         )
     for n in samples:
         if not n.startswith("minions"):
@@ -294,6 +307,8 @@ def print_table(samples: dict[str, Samples], plan: Plan) -> None:
             print(f"  latency    {r:5.2f}x floor  (target <= 1.50x)  {verdict(r <= 1.5)}")
             r = tput[n] / tput[floor]
             print(f"  throughput {r:5.2f}x floor  (target >= 0.50x)  {verdict(r >= 0.5)}")
+            r = cpu[n] / cpu[floor]
+            print(f"  parent CPU {r:5.2f}x floor  (target <= 1.15x)  {verdict(r <= 1.15)}")
         if ppe in tput:
             r = tput[n] / tput[ppe]
             print(f"  throughput {r:5.2f}x PPE    (target >= 3.00x)  {verdict(r >= 3)}")

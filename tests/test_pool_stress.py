@@ -12,7 +12,7 @@ from typing import Any
 import psutil
 import pytest
 
-from conftest import run
+from conftest import eventually, run
 from minions.errors import CallTimeout, RemoteError, WorkerCrashed
 from minions.workers import WorkerPool
 from pools import SERVICE
@@ -80,6 +80,20 @@ def test_thousand_calls_with_random_native_faults_all_end_correctly() -> None:
     run(scenario(), timeout=140)
 
 
+def _no_zombie_children() -> bool:
+    """No child of ours is a zombie: earlier tests' forked workers, adopted by this process
+    (a subreaper), are reaped by the orphan reaper a grace after they exit."""
+    me = psutil.Process()
+    return not any(_is_zombie(c) for c in me.children())
+
+
+def _is_zombie(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -106,9 +120,11 @@ def test_parent_memory_and_fds_do_not_grow_across_200_crash_cycles() -> None:
         async with Cycling() as pool:
             await cycle(pool, 20)  # warm up: imports, metric children, allocator arenas
             await pool.wait_ready()
+            await eventually(_no_zombie_children)  # the reaper holds a pidfd per zombie it saw
             fds, rss = _open_fds(), me.memory_info().rss
             await cycle(pool, 200)
             await pool.wait_ready()
+            await eventually(_no_zombie_children)
             grown_fds = _open_fds() - fds
             grown_rss = me.memory_info().rss - rss
         assert grown_fds <= 0, f"{grown_fds} file descriptors leaked over 200 crash cycles"

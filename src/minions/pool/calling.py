@@ -154,7 +154,7 @@ class CallFront:
         except RecursionError:
             raise TypeError(f"{name}(): arguments nested too deeply to encode") from None
         if dispatch:
-            self._dispatcher.dispatch()
+            self._dispatcher.kick()
         return call
 
     def flush(self) -> None:
