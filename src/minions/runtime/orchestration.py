@@ -87,7 +87,7 @@ class Orchestration:
         self._failures = failures
         self._metrics = metrics
         self._steps = [getattr(minion, name) for name in composition.steps]
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # by workflow id (one task each)
         self._room = asyncio.Event()
         self._room.set()
         self._draining = False
@@ -198,11 +198,11 @@ class Orchestration:
 
     @property
     def tasks(self) -> set[asyncio.Task[None]]:
-        return self._tasks
+        return set(self._tasks.values())
 
     async def cancel_remaining(self) -> int:
         """Cancel workflows still running after the grace period; their checkpoints stay."""
-        remaining = list(self._tasks)
+        remaining = list(self._tasks.values())
         for task in remaining:
             task.cancel()
         await asyncio.gather(*remaining, return_exceptions=True)
@@ -230,7 +230,7 @@ class Orchestration:
     def _spawn(self, workflow: _Workflow) -> None:
         name = f"minions-wf:{workflow.workflow_id}"
         task = self._loop.create_task(self._run(workflow), name=name)
-        self._tasks.add(task)
+        self._tasks[workflow.workflow_id] = task
         if not self._gauge_live:
             self._gauge.set(len(self._tasks))
 
@@ -276,7 +276,7 @@ class Orchestration:
                 f"workflow task crashed: {exc!r}", exc, extra=ids(self.id)["extra"],
             )  # fmt: skip
         finally:
-            self._tasks.discard(asyncio.current_task())
+            self._tasks.pop(workflow.workflow_id, None)
             self._room.set()
             if not self._gauge_live:
                 self._gauge.set(len(self._tasks))
