@@ -120,7 +120,7 @@ class SQLiteStateStore(StateStore):
         self,
         path: str | os.PathLike[str] = "minions.db",
         *,
-        max_batch: int = 4096,
+        max_batch: int = 1024,
         db_path: str | os.PathLike[str] | None = None,
         logger: object = None,
     ) -> None:
