@@ -174,8 +174,9 @@ class StateStore(ABC):
 
     def delete_nowait(self, orchestration_id: str, workflow_id: str) -> asyncio.Future[None] | None:
         """Queue a delete and return a future that settles once it is durable, or ``None`` if
-        this store cannot queue (Gru then awaits :meth:`delete`). A store that queues must make
-        later loads wait for queued deletes."""
+        this store cannot queue (Gru then awaits :meth:`delete`). Several queued deletes may
+        share one future (settled when all are durable, failed if any is not). A store that
+        queues must make later loads wait for queued deletes."""
         return None
 
     async def move(self, record: WorkflowRecord, old_orchestration_id: str) -> None:
