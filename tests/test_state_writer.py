@@ -157,6 +157,28 @@ def test_closing_in_the_same_turn_settles_the_open_delete_group(tmp_path):
     assert read_workflows(path) == []
 
 
+def test_a_write_taken_in_the_same_batch_as_the_stop_fails_instead_of_vanishing(tmp_path):
+    async def main():
+        store = SQLiteStateStore(tmp_path / "minions.db")
+        await store.open()
+        writer = store._writer
+        assert writer is not None
+        release, parked = await hold_writer(store)
+        loop = asyncio.get_running_loop()
+        stopped, late = loop.create_future(), loop.create_future()
+        writer.stop(stopped)
+        writer.put((("orch", "late"), None, late))  # a delete queued behind the stop
+        release.set()
+        await parked
+        await asyncio.wait({stopped, late}, timeout=10)
+        assert stopped.done() and stopped.exception() is None
+        assert late.done() and isinstance(late.exception(), StateStoreError)
+        store._writer = None  # the thread has ended: release the file as close() would
+        await asyncio.to_thread(store._release, writer)
+
+    run(main())
+
+
 # --- through Gru: a failed queued delete is reported for each workflow ---------------------
 
 

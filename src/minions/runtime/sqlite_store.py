@@ -206,7 +206,7 @@ class GroupCommitWriter:
         it with one wake-up of the loop; False on stop."""
         batch = _Batch()
         going = True
-        for op in ops:
+        for i, op in enumerate(ops):
             if type(op) is tuple:
                 batch.writes.append(op)
             elif isinstance(op, _Close):
@@ -215,6 +215,7 @@ class GroupCommitWriter:
                 self._commit(batch)
                 if isinstance(op, _Stop):
                     batch.owed.append(([op.future], None, None))
+                    batch.owed += self._refused(ops[i + 1 :])  # nothing may vanish
                     going = False
                     break
                 assert isinstance(op, _Call)
@@ -285,13 +286,16 @@ class GroupCommitWriter:
 
     def _fail_leftovers(self) -> None:
         """Nothing queued may vanish: anything behind a stop (or a crash) fails loudly."""
+        leftovers: list[_Op] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                leftovers.append(self._queue.get_nowait())
+        _settle(self.loop, self._refused(leftovers))
+
+    def _refused(self, ops: list[_Op]) -> _Settlement:
         error = f"state store {self._path} was closed before this write"
         owed: _Settlement = []
-        while True:
-            try:
-                op = self._queue.get_nowait()
-            except queue.Empty:
-                break
+        for op in ops:
             if type(op) is tuple:
                 waiter = op[2]
                 if type(waiter) is DeleteGroup:
@@ -303,7 +307,7 @@ class GroupCommitWriter:
             else:
                 assert isinstance(op, _Call | _Stop)
                 owed.append(([op.future], None, error))
-        _settle(self.loop, owed)
+        return owed
 
 
 def _tombstone(key: Key) -> Row:
