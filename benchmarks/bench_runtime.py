@@ -3,7 +3,8 @@
 Runs the same orchestration stateless and with the default SQLite store in one process and
 prints the ratio (target: durable costs at most 2x, thanks to group commit), then the same with
 each step calling a worker pool. Every workflow saves a checkpoint before each of its 2 steps and
-deletes it at the end: 3 durable writes per workflow.
+deletes it at the end: 3 durable writes per workflow. The store alone (those writes without Gru)
+runs in the same interleaved rounds: Gru / store is how close the runtime comes to it.
 
     python benchmarks/bench_runtime.py [--workflows 20000] [--in-flight 1000]
 """
@@ -102,48 +103,77 @@ async def measure(minion: type, workflows: int, in_flight: int, durable: bool) -
 
 async def store_floor(workflows: int, in_flight: int) -> float:
     """The same 3 durable writes per workflow straight into the store, without Gru: the floor
-    the durable rows cannot beat. Like Gru, a workflow awaits its 2 saves and queues its delete
-    without waiting (the close at the end still commits every delete)."""
+    the durable rows cannot beat. ``in_flight`` lanes each run workflows back to back; like Gru,
+    a workflow awaits its 2 saves and queues its delete without waiting (the close at the end
+    still commits every delete)."""
 
-    async def workflow(store: SQLiteStateStore, gate: asyncio.Semaphore, n: int) -> None:
-        async with gate:
+    async def lane(store: SQLiteStateStore, numbers: range) -> None:
+        for n in numbers:
+            wid = str(n)
             for step in (0, 1):
-                record = WorkflowRecord("bench", str(n), b"\x91\x00", b"\x91\x00", step, 0.0, 0.0)
-                await store.save(record)
-            store.delete_nowait("bench", str(n))
+                await store.save(
+                    WorkflowRecord("bench", wid, b"\x91\x00", b"\x91\x00", step, 0.0, 0.0)
+                )
+            store.delete_nowait("bench", wid)
 
     with tempfile.TemporaryDirectory() as tmp:
         async with SQLiteStateStore(os.path.join(tmp, "floor.db")) as store:
-            gate = asyncio.Semaphore(in_flight)
+            lanes = [range(i, workflows, in_flight) for i in range(in_flight)]
             started = time.perf_counter()
-            await asyncio.gather(*(workflow(store, gate, n) for n in range(workflows)))
+            await asyncio.gather(*(lane(store, numbers) for numbers in lanes))
             return workflows / (time.perf_counter() - started)
 
 
-async def compare(minion: type, count: int, args: argparse.Namespace) -> tuple[float, float]:
-    """Median workflows/s, stateless and SQLite, alternating rounds so load drifts hit both."""
+SCENARIOS = ("stateless", "SQLite", "store alone")
+
+
+async def one_round(minion: type, count: int, in_flight: int, order: list[str]) -> dict[str, float]:
+    """Each scenario once, in ``order``: workflows per second."""
+    out = {}
+    for name in order:
+        if name == "store alone":
+            out[name] = await store_floor(count, in_flight)
+        else:
+            out[name] = await measure(minion, count, in_flight, durable=name == "SQLite")
+    return out
+
+
+async def compare(
+    minion: type, count: int, args: argparse.Namespace, floor: bool
+) -> dict[str, float]:
+    """Median workflows/s of each scenario over interleaved rounds whose order rotates, so a
+    load drift on the machine lands on every scenario alike."""
+    names = list(SCENARIOS if floor else SCENARIOS[:2])
     await measure(minion, min(count, 2000), args.in_flight, durable=False)  # warm-up
-    stateless, durable = [], []
-    for _ in range(args.rounds):
-        stateless.append(await measure(minion, count, args.in_flight, durable=False))
-        durable.append(await measure(minion, count, args.in_flight, durable=True))
-    return statistics.median(stateless), statistics.median(durable)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(args.rounds):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        for name, rate in (await one_round(minion, count, args.in_flight, order)).items():
+            samples[name].append(rate)
+    return {name: statistics.median(rates) for name, rates in samples.items()}
 
 
 async def main(args: argparse.Namespace) -> None:
-    print(f"2-step minion, {args.in_flight} in flight, median of {args.rounds} rounds")
-    print(f"{'scenario':<44}{'workflows/s':>12}{'vs stateless':>14}")
-    rows = [("no-op steps", TwoSteps, args.workflows)]
+    print(f"2-step minion, {args.in_flight} in flight, median of {args.rounds} interleaved rounds")
+    print(f"{'scenario':<46}{'workflows/s':>12}{'cost vs stateless':>19}{'Gru / store':>13}")
+    rows = [("no-op steps", TwoSteps, args.workflows, True)]
     if WorkerPool is None:
         print("(worker pool rows skipped: minions.workers is not importable yet)")
     elif args.pool_workflows > 0:
-        rows.append(("each step calls a 2-worker pool", PoolSteps, args.pool_workflows))
-    for label, minion, count in rows:
-        stateless, durable = await compare(minion, count, args)
-        print(f"{label + ', stateless':<44}{stateless:>12,.0f}{'1.00x':>14}")
-        print(f"{label + ', SQLite':<44}{durable:>12,.0f}{stateless / durable:>13.2f}x")
-    floor = statistics.median([await store_floor(args.workflows, args.in_flight) for _ in range(3)])
-    print(f"{'SQLite store alone, same 3 writes/workflow':<44}{floor:>12,.0f}")
+        rows.append(("each step calls a 2-worker pool", PoolSteps, args.pool_workflows, False))
+    for label, minion, count, floor in rows:
+        rates = await compare(minion, count, args, floor)
+        stateless, durable = rates["stateless"], rates["SQLite"]
+        print(f"{label + ', stateless':<46}{stateless:>12,.0f}{'1.00x':>19}")
+        cells = f"{durable:>12,.0f}{stateless / durable:>18.2f}x"
+        if floor:
+            cells += f"{durable / rates['store alone']:>12.2f}x"
+        print(f"{label + ', SQLite':<46}{cells}")
+        if floor:
+            print(
+                f"{'SQLite store alone, same 3 writes/workflow':<46}{rates['store alone']:>12,.0f}"
+            )
+    print("cost vs stateless: how many times longer a durable workflow takes (target <= 2)")
 
 
 if __name__ == "__main__":
@@ -151,5 +181,5 @@ if __name__ == "__main__":
     parser.add_argument("--workflows", type=int, default=20_000)
     parser.add_argument("--pool-workflows", type=int, default=5_000)
     parser.add_argument("--in-flight", type=int, default=1_000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     asyncio.run(main(parser.parse_args()))

@@ -23,7 +23,7 @@ from apps.harness import (
     running_gru,
     use_harness,
 )
-from conftest import run
+from conftest import eventually, run
 from minions import Gru, GruState, OrchestrationState
 from minions.errors import GruError
 from minions.ops.levels import MemoryLevel
@@ -229,6 +229,39 @@ def test_failing_step_fails_only_its_workflow_and_logs_user_line(tmp_path):
     assert len(failures) == 1
     assert "harness.py:" in failures[0] and "ValueError" in failures[0] and "first" in failures[0]
     assert not (tmp_path / "minions.log").exists()  # the injected logger replaced the default
+
+
+def test_a_crash_in_a_workflows_own_bookkeeping_is_reported_and_frees_its_slot(tmp_path):
+    """A store whose queued delete raises: the workflow task's accounting fails after its steps.
+    It is logged as a crashed workflow task, the slot is freed and the next workflow runs."""
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    logger = logging.getLogger("test.runtime.bookkeeping")
+    logger.addHandler(Collect())
+    logger.propagate = False
+
+    class Broken(MemoryStateStore):
+        def delete_nowait(self, orchestration_id, workflow_id):
+            raise RuntimeError("queue gone")
+
+    async def main():
+        harness = use_harness()
+        async with running_gru(state_store=Broken(), logger=logger) as gru:
+            await gru.start_orchestration(QPipeline, PlainMinion, max_in_flight=1)
+            for n in (1, 2):
+                harness.events.put_nowait(Ev(n))
+            assert sorted(d[1] for d in await harness.take(harness.finished, 2)) == [1, 2]
+            (orch,) = gru.status().orchestrations
+            assert orch.succeeded == 2
+            await eventually(lambda: gru.status().orchestrations[0].in_flight == 0)
+
+    run(main())
+    crashed = [r.getMessage() for r in records if "workflow task crashed" in r.getMessage()]
+    assert len(crashed) == 2 and "queue gone" in crashed[0]
 
 
 def test_produce_event_errors_are_retried_with_backoff():

@@ -125,7 +125,7 @@ def test_thousand_concurrent_saves_are_durable_and_group_committed(tmp_path):
         store = SQLiteStateStore(path)
         await store.open()
         tasks = [
-            asyncio.create_task(store.save(rec(f"w{i:04}", at=float(i)))) for i in range(saves)
+            asyncio.ensure_future(store.save(rec(f"w{i:04}", at=float(i)))) for i in range(saves)
         ]
         await asyncio.gather(*tasks)
         commits = store.commits

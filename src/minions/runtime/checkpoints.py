@@ -63,6 +63,8 @@ class Checkpoints:
             for op in ("save", "delete")
         }
         self._blocked_counts = {"save": 0, "delete": 0}
+        # Queued deletes by the future they settle with (shared by a store's whole batch).
+        self._forgetting: dict[asyncio.Future[None], list[str]] = {}
 
     # --- saves --------------------------------------------------------------------------------
 
@@ -82,11 +84,20 @@ class Checkpoints:
 
     def forget(self, workflow_id: str) -> Awaitable[None] | None:
         """End a finished workflow's checkpoint: ``None`` when the delete was queued (its
-        failure is reported when it settles), else an awaitable to wait on."""
+        failure is reported when it settles), else an awaitable to wait on.
+
+        A store may hand the same future to several queued deletes (the SQLite store does, for
+        one turn of the loop): they are watched with one callback, and a failure names each.
+        """
         if self._delete_nowait is not None:
             future = self._delete_nowait(self.id, workflow_id)
             if future is not None:
-                future.add_done_callback(functools.partial(self._on_forgotten, workflow_id))
+                waiting = self._forgetting.get(future)
+                if waiting is None:
+                    self._forgetting[future] = [workflow_id]
+                    future.add_done_callback(self._on_forgotten)
+                else:
+                    waiting.append(workflow_id)
                 return None
         return self._forget(workflow_id)
 
@@ -102,10 +113,12 @@ class Checkpoints:
                     functools.partial(self.store.delete, self.id, workflow_id),
                 )
 
-    def _on_forgotten(self, workflow_id: str, future: asyncio.Future[None]) -> None:
+    def _on_forgotten(self, future: asyncio.Future[None]) -> None:
+        workflow_ids = self._forgetting.pop(future, [])
         if not future.cancelled() and (exc := future.exception()) is not None:
             assert isinstance(exc, Exception)
-            self._report("delete", "delete", exc, workflow_id, "after it ended")
+            for workflow_id in workflow_ids:
+                self._report("delete", "delete", exc, workflow_id, "after it ended")
 
     # --- failures -----------------------------------------------------------------------------
 

@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import msgspec
+
 from minions._tasks import TaskOwner
 
 E = TypeVar("E")
@@ -38,9 +40,12 @@ def minion_step(func: StepFn) -> StepFn:
     return func  # type: ignore[return-value]  # mypy widens the TypeVar through the checks
 
 
-@dataclass(slots=True)
-class WorkflowScope:
-    """What one running workflow sees through ``self.event`` / ``self.context``."""
+class WorkflowScope(msgspec.Struct, gc=False):
+    """What one running workflow sees through ``self.event`` / ``self.context``.
+
+    ``gc=False``: a thousand are alive at once and the cyclic GC need not scan them; nothing a
+    user holds refers back to one, so it is never part of a cycle.
+    """
 
     workflow_id: str
     event: Any

@@ -11,15 +11,18 @@ without doing anything itself:
 - the Prometheus endpoint (a bind failure is one logged error: Gru runs on without it);
 - the control endpoint behind ``minions status`` (:mod:`minions.control`), started once the
   store is open, so its pointer file beside the database never names a Gru that failed to start;
+- the metrics flush: Gru's hot path counts in plain numbers (:mod:`minions.runtime.tally`),
+  handed to prometheus-client every ``_FLUSH_INTERVAL_S``, at every scrape and at shutdown;
 - sd_notify: ``READY=1`` when ``Gru.create`` returns, ``STATUS=`` whenever the one-line summary
   changes (orchestration start/stop, a memory level change, and a refresh every
   ``status_interval_s``), ``WATCHDOG=1`` from the event loop for Gru's whole life, ``STOPPING=1``
   as shutdown begins. Every one of them is a cheap no-op without ``$NOTIFY_SOCKET``.
 
 Start order: monitor (a first sample, so pipelines and pools start at the right level), endpoint,
-watchdog, status refresher, control, ``READY=1``. Stop order (after Gru's resources and store are
-closed): control, monitor, endpoint, refresher, and the watchdog last, so systemd keeps hearing
-from a loop that is still busy shutting down until the very end.
+metrics flush, watchdog, status refresher, control, ``READY=1``. Stop order (after Gru's resources
+and store are closed): control, monitor, metrics flush (a last one), endpoint, refresher, and the
+watchdog last, so systemd keeps hearing from a loop that is still busy shutting down until the
+very end.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ from minions.runtime.resources import ResourceState
 from minions.runtime.results import GruStatus, ResourceStatus
 from minions.runtime.telemetry import Metrics, PrometheusMetrics, RuntimeMetrics
 
+_FLUSH_INTERVAL_S = 1.0  # how stale an in-process read of a series may be; scrapes are exact
+
 _PAUSE_NOTE = {
     MemoryLevel.NORMAL: "pipelines resumed",
     MemoryLevel.HIGH: "pipelines paused, pools throttle",
@@ -77,6 +82,7 @@ class Operations:
         self._on_level = on_level
         self._unsubscribe: Callable[[], None] | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
         self._last_status = ""
         self.control: ControlServer | None = None
         self._pointer: Path | None = None
@@ -105,6 +111,7 @@ class Operations:
         declared.HOST_MEMORY_TOTAL_BYTES.set(psutil.virtual_memory().total)
         declared.HOST_CPUS.set(os.cpu_count() or 1)
         await self._start_metrics(self.metrics.backend)
+        self._flusher = asyncio.create_task(self._flush_metrics(), name="minions-metrics-flush")
         self.watchdog.start()
         if sdnotify.enabled():
             self._refresher = asyncio.create_task(self._refresh(), name="minions-gru-status")
@@ -174,6 +181,11 @@ class Operations:
             self._last_status = text
             sdnotify.status(text)
 
+    async def _flush_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(_FLUSH_INTERVAL_S)
+            self.metrics.flush()
+
     async def _refresh(self) -> None:
         while True:
             await asyncio.sleep(self.config.status_interval_s)
@@ -202,6 +214,12 @@ class Operations:
             self._unsubscribe()
             self._unsubscribe = None
         await self.monitor.stop()
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+        self.metrics.flush()  # the last counts of this Gru, before the endpoint closes
         if self._metrics_started:
             self._metrics_started = False
             backend = self.metrics.backend

@@ -22,7 +22,6 @@ import sys
 import time
 import traceback
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +51,12 @@ class Outcome(enum.Enum):
     PARKED = "parked"
 
 
-@dataclass(slots=True)
-class _Workflow:
-    workflow_id: str
-    event: Any
-    event_bytes: bytes | None
-    context: Any
-    step_index: int
-    created_at: float
+class _Workflow(WorkflowScope, gc=False):
+    """One workflow: what its steps see (the scope) plus what its checkpoints need."""
+
+    event_bytes: bytes | None = None  # the event encoded once, for every checkpoint
+    step_index: int = 0
+    created_at: float = 0.0
     saved: bool = False  # a checkpoint of it is in the store: delete it when it ends
 
 
@@ -81,7 +78,8 @@ class Orchestration:
         self.minion = minion
         self.state = OrchestrationState.STARTING
         self.max_in_flight = max_in_flight
-        self.counts = {outcome: 0 for outcome in Outcome}
+        self.counts = {outcome: 0 for outcome in Outcome}  # SUCCEEDED is self.succeeded
+        self.succeeded = 0
         self._store = store
         self._checkpoints = (
             Checkpoints(self.id, store, policy, failures, metrics) if store is not None else None
@@ -89,7 +87,7 @@ class Orchestration:
         self._failures = failures
         self._metrics = metrics
         self._steps = [getattr(minion, name) for name in composition.steps]
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # by workflow id (one task each)
         self._room = asyncio.Event()
         self._room.set()
         self._draining = False
@@ -107,6 +105,10 @@ class Orchestration:
         self._lifecycle = {
             e: metrics.child(telemetry.WORKFLOWS, orchestration=self.id, event=e) for e in _EVENTS
         }
+        self._started = self._lifecycle["started"]
+        self._succeeded = self._lifecycle["succeeded"]
+        self._new_context = composition.context_type
+        self._loop = asyncio.get_running_loop()
         self._gauge = metrics.child(telemetry.IN_FLIGHT, orchestration=self.id)
         self._gauge_live = callable(getattr(self._gauge, "set_function", None))
         if self._gauge_live:  # read at scrape time, not per workflow
@@ -126,6 +128,10 @@ class Orchestration:
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    def has_room(self) -> bool:
+        """True while another workflow may start now (the pipeline's fast path)."""
+        return len(self._tasks) < self.max_in_flight or self._draining
+
     async def wait_capacity(self) -> None:
         """Block the pipeline while this orchestration is full (the backpressure point)."""
         while len(self._tasks) >= self.max_in_flight and not self._draining:
@@ -137,10 +143,11 @@ class Orchestration:
         workflow then checkpoints step 0 and parks, so an event already taken is never lost)."""
         if encoded is None and self._store is not None:
             encoded = self._encoder.encode(event)
-        context = self.composition.context_type()
-        workflow_id = f"{self._id_prefix}{next(self._id_counter):x}"
-        workflow = _Workflow(workflow_id, event, encoded, context, 0, time.time())
-        self._lifecycle["started"].inc()
+        workflow = _Workflow(
+            f"{self._id_prefix}{next(self._id_counter):x}", event, self._new_context(), self.id,
+            encoded, 0, time.time(),
+        )  # fmt: skip
+        self._started.inc()
         self._spawn(workflow)
 
     # --- resume ------------------------------------------------------------------------------
@@ -173,7 +180,7 @@ class Orchestration:
                 record = msgspec.structs.replace(record, orchestration_id=self.id)
                 await self._store.move(record, saved_under)
             workflow = _Workflow(
-                record.workflow_id, event, record.event, context, record.step_index,
+                record.workflow_id, event, context, self.id, record.event, record.step_index,
                 record.created_at, saved=True,
             )  # fmt: skip
             self._lifecycle["resumed"].inc()
@@ -191,11 +198,11 @@ class Orchestration:
 
     @property
     def tasks(self) -> set[asyncio.Task[None]]:
-        return self._tasks
+        return set(self._tasks.values())
 
     async def cancel_remaining(self) -> int:
         """Cancel workflows still running after the grace period; their checkpoints stay."""
-        remaining = list(self._tasks)
+        remaining = list(self._tasks.values())
         for task in remaining:
             task.cancel()
         await asyncio.gather(*remaining, return_exceptions=True)
@@ -213,7 +220,7 @@ class Orchestration:
             state=self.state,
             in_flight=len(self._tasks),
             max_in_flight=self.max_in_flight,
-            succeeded=self.counts[Outcome.SUCCEEDED],
+            succeeded=self.succeeded,
             failed=self.counts[Outcome.FAILED],
             aborted=self.counts[Outcome.ABORTED],
         )
@@ -221,69 +228,74 @@ class Orchestration:
     # --- workflows ---------------------------------------------------------------------------
 
     def _spawn(self, workflow: _Workflow) -> None:
-        task = asyncio.create_task(self._run(workflow), name=f"minions-wf:{workflow.workflow_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._on_done)
+        name = f"minions-wf:{workflow.workflow_id}"
+        task = self._loop.create_task(self._run(workflow), name=name)
+        self._tasks[workflow.workflow_id] = task
         if not self._gauge_live:
             self._gauge.set(len(self._tasks))
 
-    def _on_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._room.set()
-        if not self._gauge_live:
-            self._gauge.set(len(self._tasks))
-        if not task.cancelled() and (exc := task.exception()) is not None:
+    async def _run(self, workflow: _Workflow) -> None:
+        """One workflow's task: each step after its checkpoint, then the accounting.
+
+        The task ends by removing itself from the orchestration, so no done-callback (one more
+        loop turn per workflow) is needed; a crash of this bookkeeping itself is reported.
+        """
+        CURRENT_WORKFLOW.set(workflow)
+        outcome = Outcome.SUCCEEDED
+        index = workflow.step_index
+        try:
+            try:
+                for index in range(workflow.step_index, len(self._steps)):
+                    if self._store is not None:
+                        try:
+                            await self._checkpoint(workflow, index)
+                            durable: bool | None = True
+                        except Exception as exc:
+                            durable = await self._save_failed(workflow, index, exc)
+                        if durable is None:  # the context no longer encodes: stop here
+                            outcome = Outcome.FAILED
+                            break
+                        if durable:
+                            workflow.saved = True
+                            if self._draining:
+                                outcome = Outcome.PARKED
+                                break
+                    started = time.perf_counter()
+                    await self._steps[index]()
+                    self._step_timers[index].observe(time.perf_counter() - started)
+            except AbortWorkflow as exc:
+                outcome = self._aborted(workflow, index, exc)
+            except Exception as exc:
+                outcome = self._failed(workflow, index, exc)
+            pending = self._ended(workflow, outcome)
+            if pending is not None:
+                await pending
+        except Exception as exc:
             self._failures(
                 ("workflow-task", self.id, type(exc).__name__),
                 f"workflow task crashed: {exc!r}", exc, extra=ids(self.id)["extra"],
             )  # fmt: skip
+        finally:
+            self._tasks.pop(workflow.workflow_id, None)
+            self._room.set()
+            if not self._gauge_live:
+                self._gauge.set(len(self._tasks))
 
-    async def _run(self, workflow: _Workflow) -> None:
-        CURRENT_WORKFLOW.set(
-            WorkflowScope(workflow.workflow_id, workflow.event, workflow.context, self.id)
-        )
-        outcome = await self._run_steps(workflow)
-        self.counts[outcome] += 1
-        if outcome is Outcome.PARKED:
-            return
-        self._lifecycle[outcome.value].inc()
-        if workflow.saved:
-            assert self._checkpoints is not None
-            pending = self._checkpoints.forget(workflow.workflow_id)
-            if pending is not None:
-                await pending
-
-    async def _run_steps(self, workflow: _Workflow) -> Outcome:
-        index = workflow.step_index
-        try:
-            for index in range(workflow.step_index, len(self._steps)):
-                if self._store is not None:
-                    try:
-                        await self._checkpoint(workflow, index)
-                        durable = True
-                    except Unencodable as exc:
-                        return self._stop_unencodable(workflow, index, exc)
-                    except Exception as exc:
-                        durable = await self._checkpoint_failed(workflow, index, exc)
-                    if durable:
-                        workflow.saved = True
-                        if self._draining:
-                            return Outcome.PARKED
-                started = time.perf_counter()
-                await self._steps[index]()
-                self._step_timers[index].observe(time.perf_counter() - started)
-        except AbortWorkflow as exc:
-            self._step_ended(index, "aborted")
-            self._failures.logger.info(
-                "workflow aborted in step %s: %s", self.composition.steps[index], exc,
-                **ids(self.id, workflow.workflow_id),
-            )  # fmt: skip
-            return Outcome.ABORTED
-        except Exception as exc:
-            self._step_ended(index, "failed")
-            self._log_failure(workflow, index, exc)
-            return Outcome.FAILED
-        return Outcome.SUCCEEDED
+    def _ended(self, workflow: _Workflow, outcome: Outcome) -> Awaitable[None] | None:
+        """Count the outcome; a finished workflow's checkpoint goes (awaitable, or ``None``
+        when the delete was queued without waiting)."""
+        if outcome is Outcome.SUCCEEDED:  # the hot path: no enum hashing
+            self._succeeded.inc()
+            self.succeeded += 1
+        else:
+            self.counts[outcome] += 1
+            if outcome is Outcome.PARKED:
+                return None
+            self._lifecycle[outcome.value].inc()
+        if not workflow.saved:
+            return None
+        assert self._checkpoints is not None
+        return self._checkpoints.forget(workflow.workflow_id)
 
     def _checkpoint(self, workflow: _Workflow, index: int) -> Awaitable[None]:
         """The save before step ``index``, for the caller to await. A plain call, not a
@@ -299,20 +311,33 @@ class Orchestration:
         )  # fmt: skip
         return self._store.save(record)
 
-    async def _checkpoint_failed(self, workflow: _Workflow, index: int, exc: Exception) -> bool:
-        """The save before step ``index`` raised: the policy decides (see ``checkpoints``)."""
+    async def _save_failed(self, workflow: _Workflow, index: int, exc: Exception) -> bool | None:
+        """The save before step ``index`` raised: the policy decides (see ``checkpoints``).
+        True once durable after all, False to run the step anyway, None to stop the workflow
+        (its context no longer encodes: not retryable, its last durable checkpoint is kept)."""
         assert self._checkpoints is not None and workflow.event_bytes is not None
+        step = self.composition.steps[index]
+        if isinstance(exc, Unencodable):
+            self._checkpoints.unencodable(workflow.workflow_id, step, exc)
+            workflow.saved = False  # nothing to delete: the last good checkpoint stays
+            return None
         record = WorkflowRecord(
             self.id, workflow.workflow_id, workflow.event_bytes,
             self._encoder.encode(workflow.context), index, workflow.created_at, time.time(),
         )  # fmt: skip
-        return await self._checkpoints.save_failed(record, self.composition.steps[index], exc)
+        return await self._checkpoints.save_failed(record, step, exc)
 
-    def _stop_unencodable(self, workflow: _Workflow, index: int, exc: Unencodable) -> Outcome:
-        """Not retryable: end the workflow as failed, keeping its last durable checkpoint."""
-        assert self._checkpoints is not None
-        self._checkpoints.unencodable(workflow.workflow_id, self.composition.steps[index], exc)
-        workflow.saved = False  # nothing to delete: the last good checkpoint stays for resume
+    def _aborted(self, workflow: _Workflow, index: int, exc: AbortWorkflow) -> Outcome:
+        self._step_ended(index, "aborted")
+        self._failures.logger.info(
+            "workflow aborted in step %s: %s", self.composition.steps[index], exc,
+            **ids(self.id, workflow.workflow_id),
+        )  # fmt: skip
+        return Outcome.ABORTED
+
+    def _failed(self, workflow: _Workflow, index: int, exc: Exception) -> Outcome:
+        self._step_ended(index, "failed")
+        self._log_failure(workflow, index, exc)
         return Outcome.FAILED
 
     def _step_ended(self, index: int, outcome: str) -> None:

@@ -48,6 +48,9 @@ class Pipeline(TaskOwner, Generic[E]):
 class Subscriber(Protocol):
     """What the runner needs from an orchestration (implemented by ``Orchestration``)."""
 
+    def has_room(self) -> bool:
+        """True when another workflow may start now (checked before every event)."""
+
     async def wait_capacity(self) -> None:
         """Return once another workflow may start (or the subscriber is stopping)."""
 
@@ -85,7 +88,10 @@ class PipelineRunner:
         self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(event_type)
         self._failures = failures
         self._backoff = backoff
-        self._subscribers: list[Subscriber] = []
+        # Replaced, never mutated, on every change: an event's subscribers are compared by
+        # identity, and each event needs no copy of the list.
+        self._subscribers: tuple[Subscriber, ...] = ()
+        self._encode = False  # a subscriber checkpoints, or several share each event
         self._unpaused = asyncio.Event()
         self._unpaused.set()
         self._changed = asyncio.Event()
@@ -105,16 +111,19 @@ class PipelineRunner:
 
     def subscribe(self, subscriber: Subscriber) -> None:
         """Add an orchestration; the production task starts with the first one."""
-        self._subscribers.append(subscriber)
-        self._changed.set()
+        self._set_subscribers((*self._subscribers, subscriber))
         if self._task is None:
             self.state = RunnerState.RUNNING
             self._task = asyncio.create_task(self._run(), name=f"minions-pipeline:{self.name}")
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         if subscriber in self._subscribers:
-            self._subscribers.remove(subscriber)
-            self._changed.set()
+            self._set_subscribers(tuple(s for s in self._subscribers if s is not subscriber))
+
+    def _set_subscribers(self, subscribers: tuple[Subscriber, ...]) -> None:
+        self._subscribers = subscribers
+        self._encode = len(subscribers) > 1 or any(s.needs_encoding for s in subscribers)
+        self._changed.set()
 
     def pause(self) -> None:
         """Stop asking for events (memory pressure); a call already waiting is not interrupted."""
@@ -134,11 +143,12 @@ class PipelineRunner:
     async def _run(self) -> None:
         delay = 0.0
         while True:
-            subscribers = await self._wait_ready()
+            subscribers = self._ready() or await self._wait_ready()
             try:
                 event = await self.pipeline.produce_event()
                 self._check_type(event)
-                encoded = self._encode_for(event, subscribers)
+                # Encoded once when a subscriber checkpoints or each gets its own copy.
+                encoded = self._encoder.encode(event) if self._encode else None
             except Exception as exc:
                 delay = self._next_delay(delay)
                 self._report_error(exc, delay)
@@ -146,31 +156,35 @@ class PipelineRunner:
                 continue
             delay = 0.0
             self._events.inc()
+            if subscribers is self._subscribers:  # the common case: nobody came or went
+                self._fan_out(event, encoded, subscribers)
+                continue
             # Orchestrations that stopped while produce_event() was pending do not get the event.
-            current = [s for s in subscribers if s in self._subscribers]
+            current = tuple(s for s in subscribers if s in self._subscribers)
             self._fan_out(event, encoded if current == subscribers else None, current)
 
-    async def _wait_ready(self) -> list[Subscriber]:
+    def _ready(self) -> tuple[Subscriber, ...]:
+        """The subscribers, when an event may be produced right now (no await needed)."""
+        subscribers = self._subscribers
+        if self._unpaused.is_set() and all(s.has_room() for s in subscribers):
+            return subscribers
+        return ()
+
+    async def _wait_ready(self) -> tuple[Subscriber, ...]:
         """Wait until unpaused, subscribed, and every subscriber has room."""
         while True:
             await self._unpaused.wait()
-            if not self._subscribers:
+            subscribers = self._subscribers
+            if not subscribers:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            subscribers = list(self._subscribers)
             for sub in subscribers:
                 await sub.wait_capacity()
             if self._unpaused.is_set():
                 return subscribers
 
-    def _encode_for(self, event: Any, subscribers: list[Subscriber]) -> bytes | None:
-        """Encode once when a subscriber checkpoints or the event must be copied."""
-        if len(subscribers) > 1 or any(s.needs_encoding for s in subscribers):
-            return self._encoder.encode(event)
-        return None
-
-    def _fan_out(self, event: Any, encoded: bytes | None, subs: list[Subscriber]) -> None:
+    def _fan_out(self, event: Any, encoded: bytes | None, subs: tuple[Subscriber, ...]) -> None:
         fanned = len(subs) > 1
         if encoded is None and fanned:
             encoded = self._encoder.encode(event)

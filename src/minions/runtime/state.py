@@ -120,7 +120,7 @@ class SQLiteStateStore(StateStore):
         self,
         path: str | os.PathLike[str] = "minions.db",
         *,
-        max_batch: int = 512,
+        max_batch: int = 1024,
         db_path: str | os.PathLike[str] | None = None,
         logger: object = None,
     ) -> None:
@@ -134,6 +134,8 @@ class SQLiteStateStore(StateStore):
         self._max_batch = max_batch
         self._db: _open.OpenDatabase | None = None
         self._writer: _sql.GroupCommitWriter | None = None
+        self._put: Callable[[Any], None] = self._not_open  # the writer's queue, once open
+        self._deletes: _sql.DeleteGroup | None = None  # this loop turn's unawaited deletes
         self._read_lock = threading.Lock()  # the read connection is shared by to_thread workers
         self._opening = asyncio.Lock()  # binds to a loop only if two open() calls overlap
         self._closing: asyncio.Future[None] | None = None
@@ -150,27 +152,47 @@ class SQLiteStateStore(StateStore):
                 raise StateStoreError(f"state store {self.path} was closed; create a new store")
             if self._writer is not None:
                 return
-            db = await asyncio.to_thread(_open.open_database, self.path)
+            db = await asyncio.to_thread(_open_for_writing, self.path)
             self._db = db
             self._writer = _sql.GroupCommitWriter(
                 db.writer, self.path, self._max_batch, asyncio.get_running_loop()
             )
             self._writer.start()
+            self._put = self._writer.put
 
-    async def save(self, record: WorkflowRecord) -> None:
+    def save(self, record: WorkflowRecord) -> asyncio.Future[None]:
+        """Queue ``record``; the returned future settles once it is committed (durable).
+
+        A plain function returning the writer's future, not a coroutine: it runs before every
+        step, and every suspended coroutine is one more object for the cyclic GC to scan.
+        """
         check_record(record)
-        await self._submit((record.orchestration_id, record.workflow_id), _astuple(record))
+        return self._submit((record.orchestration_id, record.workflow_id), _astuple(record))
 
-    async def delete(self, orchestration_id: str, workflow_id: str) -> None:
-        await self._submit((orchestration_id, workflow_id), None)
+    def delete(self, orchestration_id: str, workflow_id: str) -> asyncio.Future[None]:
+        """Queue a delete, in order with saves; the future settles once it is committed."""
+        return self._submit((orchestration_id, workflow_id), None)
 
     def delete_nowait(self, orchestration_id: str, workflow_id: str) -> asyncio.Future[None]:
         """Queue a delete; the returned future settles (or fails) once it is committed.
 
-        For a caller with nothing to do after the delete (Gru ending a workflow). Loads queue
-        behind it, so they never see the record again.
+        For a caller with nothing to do after the delete (Gru ending a workflow). The future is
+        shared by every delete queued in the same turn of the loop: it settles once all of them
+        are committed, failing if any commit did. Loads queue behind it, so they never see the
+        record again.
         """
-        return self._submit((orchestration_id, workflow_id), None)
+        group = self._deletes
+        if group is None:
+            writer = self._require_writer()
+            group = self._deletes = _sql.DeleteGroup(writer.loop.create_future())
+            writer.loop.call_soon(self._close_deletes)
+        self._put(((orchestration_id, workflow_id), None, group))
+        return group.future
+
+    def _close_deletes(self) -> None:
+        group, self._deletes = self._deletes, None
+        if group is not None and self._writer is not None:
+            self._writer.close_group(group)
 
     async def move(self, record: WorkflowRecord, old_orchestration_id: str) -> None:
         """Save under the new key and drop the old one, queued together (one commit, usually;
@@ -198,14 +220,10 @@ class SQLiteStateStore(StateStore):
         return stored(await self.list_all())
 
     def _submit(self, key: _sql.Key, row: _open.Row | None) -> asyncio.Future[None]:
-        """Queue one write and return the future the writer settles after its commit.
-
-        A plain function, not a coroutine: every suspended checkpoint keeps its coroutine
-        objects alive for a whole commit, and each one is work for the cyclic GC.
-        """
+        """Queue one write and return the future the writer settles after its commit."""
         writer = self._require_writer()
         future: asyncio.Future[None] = writer.loop.create_future()  # get_running_loop: a syscall
-        writer.submit(_sql.Write(key, row, future))
+        writer.put((key, row, future))
         return future
 
     async def load(self, orchestration_id: str) -> list[WorkflowRecord]:
@@ -234,7 +252,9 @@ class SQLiteStateStore(StateStore):
 
     async def _shut_down(self) -> None:
         """Drain the queue, end the writer thread, close both connections, drop the lock."""
+        self._close_deletes()  # this turn's deletes settle before the writer stops
         writer, self._writer = self._writer, None
+        self._put = self._not_open
         if writer is None:
             return
         self._last_commits = writer.commits
@@ -252,15 +272,30 @@ class SQLiteStateStore(StateStore):
 
     def _require_writer(self) -> _sql.GroupCommitWriter:
         if self._writer is None:
-            state = "was closed" if self._closing is not None else "is not open"
-            raise StateStoreError(f"state store {self.path} {state}; await store.open() first")
+            self._not_open()
+        assert self._writer is not None
         return self._writer
+
+    def _not_open(self, *_: object) -> None:
+        state = "was closed" if self._closing is not None else "is not open"
+        raise StateStoreError(f"state store {self.path} {state}; await store.open() first")
 
     async def _call_in_writer(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on the writer's connection in queue order (tests inject faults this way)."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._require_writer().call(fn, future)
         return await future
+
+
+def _open_for_writing(path: Path) -> _open.OpenDatabase:
+    """Open (or refuse) the file, then teach the writer's connection its tombstones."""
+    db = _open.open_database(path)
+    try:
+        _sql.install_tombstones(db.writer)
+    except sqlite3.Error as exc:
+        db.close()
+        raise StateStoreError(f"cannot prepare state database {path} for writing: {exc}") from exc
+    return db
 
 
 def _flushed(_conn: sqlite3.Connection) -> None:

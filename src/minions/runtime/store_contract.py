@@ -41,7 +41,7 @@ class WorkflowRecord(msgspec.Struct, frozen=True, gc=False):
     workflow_id: str
     event: bytes
     context: bytes
-    step_index: int  # index of the NEXT step to run
+    step_index: int  # index of the NEXT step to run (never negative)
     created_at: float  # time.time() of the workflow's first save
     updated_at: float
 
@@ -92,6 +92,7 @@ def check_record(record: WorkflowRecord) -> None:
         and type(record.event) is bytes
         and type(record.context) is bytes
         and type(record.step_index) is int
+        and record.step_index >= 0
     ):
         return
     if not isinstance(record, WorkflowRecord):
@@ -101,6 +102,8 @@ def check_record(record: WorkflowRecord) -> None:
         raise TypeError("WorkflowRecord ids must be str and event/context must be bytes")
     if not isinstance(record.step_index, int) or isinstance(record.step_index, bool):
         raise TypeError("WorkflowRecord.step_index must be an int")
+    if record.step_index < 0:  # the SQLite store's writer reads a negative step as a delete
+        raise ValueError(f"WorkflowRecord.step_index must be >= 0, got {record.step_index}")
 
 
 def _records(stored: Iterable[Any]) -> list[WorkflowRecord]:
@@ -165,14 +168,15 @@ class StateStore(ABC):
         check_record(record)
         return self.save_context(record.workflow_id, record.orchestration_id, encode_record(record))
 
-    async def delete(self, orchestration_id: str, workflow_id: str) -> None:
-        """Forget a finished workflow, durably."""
-        await self.delete_context(workflow_id)
+    def delete(self, orchestration_id: str, workflow_id: str) -> Awaitable[None]:
+        """Forget a finished workflow; the awaitable settles once that is durable."""
+        return self.delete_context(workflow_id)
 
     def delete_nowait(self, orchestration_id: str, workflow_id: str) -> asyncio.Future[None] | None:
         """Queue a delete and return a future that settles once it is durable, or ``None`` if
-        this store cannot queue (Gru then awaits :meth:`delete`). A store that queues must make
-        later loads wait for queued deletes."""
+        this store cannot queue (Gru then awaits :meth:`delete`). Several queued deletes may
+        share one future (settled when all are durable, failed if any is not). A store that
+        queues must make later loads wait for queued deletes."""
         return None
 
     async def move(self, record: WorkflowRecord, old_orchestration_id: str) -> None:

@@ -5,7 +5,9 @@ Design note. The interface is the established one: a backend implements
 ``labels(**values)``, whose result has ``inc()``, ``set()`` or ``observe()``. Gru asks for each
 metric once, binds each label set once (an orchestration's step timers when it starts, not per
 step) and reuses the bound child, so a backend sees no per-event lookups. A backend that raises
-is reported once and replaced by a no-op for that metric: metrics never fail a workflow.
+is reported once and replaced by a no-op for that metric: metrics never fail a workflow. With
+the Prometheus backend, Gru's counters and histograms are counted in plain numbers and handed to
+prometheus-client in batches (:mod:`minions.runtime.tally`); other backends see every call.
 
 Gru emits the ``minions_*`` names of :data:`RUNTIME_METRICS` (Prometheus naming; the mapping
 to the established names is ``deploy/prometheus/upstream-names.yml``). Worker pool and host
@@ -24,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from minions.ops import metrics as declared
 from minions.ops.metrics_server import MetricsServer, start_metrics_server
+from minions.runtime import tally
 
 Kind = Literal["counter", "gauge", "histogram"]
 
@@ -230,9 +233,11 @@ class RuntimeMetrics:
         self._report = report
         self._metrics: dict[str, Any] = {}
         self._trusted = isinstance(backend, PrometheusMetrics | NoOpMetrics)
+        self._tallied = isinstance(backend, PrometheusMetrics)
 
     def child(self, spec: MetricSpec, **labels: str) -> Any:
-        """The bound metric for one label set; keep it and call ``inc``/``set``/``observe``."""
+        """The bound metric for one label set; keep it and call ``inc``/``set``/``observe``.
+        Bind once, off the hot path: binding is a lookup, the calls are what must be cheap."""
         try:
             metric = self._metrics.get(spec.name)
             if metric is None:
@@ -242,7 +247,16 @@ class RuntimeMetrics:
         except Exception as exc:
             self._failed(spec.name, exc)
             return _NOOP
+        if self._tallied and spec.kind != "gauge":
+            front = tally.front(bound)  # None for a subclass's own objects: used directly
+            if front is not None:
+                return front
         return bound if self._trusted else _Guarded(bound, spec.name, self._failed)
+
+    @staticmethod
+    def flush() -> None:
+        """Hand the hot path's pending counts to prometheus-client (Gru's timer, shutdown)."""
+        tally.flush()
 
     def _failed(self, name: str, exc: BaseException) -> None:
         self._metrics[name] = _NOOP
