@@ -480,3 +480,25 @@ def test_a_live_pool_in_another_pid_namespace_keeps_its_directory() -> None:
         other.kill()
         other.wait()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_call_metrics_are_exact_at_once_though_counted_in_batches() -> None:
+    """Successful calls are counted in plain numbers (ops/tally.py); a read of the registry
+    right after them still sees every one, in the counter and in the histogram."""
+    from minions.ops.metrics import REGISTRY
+
+    labels = {"pool": "DemoPool", "method": "ping"}
+
+    def read() -> tuple[float, float]:
+        ok = REGISTRY.get_sample_value("minions_worker_calls_total", {**labels, "outcome": "ok"})
+        seen = REGISTRY.get_sample_value("minions_worker_call_duration_seconds_count", labels)
+        return ok or 0.0, seen or 0.0
+
+    async def scenario() -> None:
+        async with DemoPool() as pool:
+            before = read()
+            for i in range(25):
+                assert await pool.call("ping", i) == i
+            assert read() == (before[0] + 25, before[1] + 25)
+
+    run(scenario())

@@ -14,7 +14,8 @@ from conftest import eventually, run
 from minions import Gru, Minion, Pipeline, minion_step
 from minions.implementations import NoOpLogger, PrometheusMetrics
 from minions.ops import metrics as declared
-from minions.runtime import operations, tally, telemetry
+from minions.ops import tally
+from minions.runtime import operations, telemetry
 from minions.runtime.telemetry import RuntimeMetrics
 
 BUCKETS = (0.0005, 0.001, 0.01, 1.0)

@@ -16,7 +16,7 @@ from prometheus_client.samples import Sample
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 # Called before every collection of REGISTRY: the runtime folds the counts it keeps off the hot
-# path into the series here (minions.runtime.tally), so every scrape is exact.
+# path into the series here (minions.ops.tally), so every scrape is exact.
 BEFORE_COLLECT: list[Callable[[], None]] = []
 
 

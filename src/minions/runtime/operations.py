@@ -11,7 +11,7 @@ without doing anything itself:
 - the Prometheus endpoint (a bind failure is one logged error: Gru runs on without it);
 - the control endpoint behind ``minions status`` (:mod:`minions.control`), started once the
   store is open, so its pointer file beside the database never names a Gru that failed to start;
-- the metrics flush: Gru's hot path counts in plain numbers (:mod:`minions.runtime.tally`),
+- the metrics flush: Gru's hot path counts in plain numbers (:mod:`minions.ops.tally`),
   handed to prometheus-client every ``_FLUSH_INTERVAL_S``, at every scrape and at shutdown;
 - sd_notify: ``READY=1`` when ``Gru.create`` returns, ``STATUS=`` whenever the one-line summary
   changes (orchestration start/stop, a memory level change, and a refresh every

@@ -7,7 +7,7 @@ metric once, binds each label set once (an orchestration's step timers when it s
 step) and reuses the bound child, so a backend sees no per-event lookups. A backend that raises
 is reported once and replaced by a no-op for that metric: metrics never fail a workflow. With
 the Prometheus backend, Gru's counters and histograms are counted in plain numbers and handed to
-prometheus-client in batches (:mod:`minions.runtime.tally`); other backends see every call.
+prometheus-client in batches (:mod:`minions.ops.tally`); other backends see every call.
 
 Gru emits the ``minions_*`` names of :data:`RUNTIME_METRICS` (Prometheus naming; the mapping
 to the established names is ``deploy/prometheus/upstream-names.yml``). Worker pool and host
@@ -25,8 +25,8 @@ from typing import Any, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from minions.ops import metrics as declared
+from minions.ops import tally
 from minions.ops.metrics_server import MetricsServer, start_metrics_server
-from minions.runtime import tally
 
 Kind = Literal["counter", "gauge", "histogram"]
 

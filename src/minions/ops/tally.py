@@ -2,16 +2,18 @@
 
 Design note. prometheus-client takes a lock and runs a few Python calls on every ``inc()`` and
 walks the buckets on every ``observe()``: one to two microseconds each, several times per
-workflow. So the hot path counts in plain Python numbers instead: a :class:`CounterTally` or
-:class:`HistogramTally` in front of each bound prometheus-client child, and :func:`flush` adds
-to the child what accumulated since the last flush. Gru flushes on a timer, and the registry
-flushes before every collection (``minions.ops.metrics.BEFORE_COLLECT``), so a scrape,
-``get_sample_value`` and the backend snapshots always see every count: names, types, labels,
-buckets and values are prometheus-client's, only the moment of the addition moves.
+workflow and on every worker call. So the hot paths count in plain Python numbers instead: a
+:class:`CounterTally` or :class:`HistogramTally` in front of each bound prometheus-client
+child, and :func:`flush` adds to the child what accumulated since the last flush. Gru flushes
+on a timer, and the registry flushes before every collection
+(``minions.ops.metrics.BEFORE_COLLECT``), so a scrape, ``get_sample_value`` and the backend
+snapshots always see every count: names, types, labels, buckets and values are
+prometheus-client's, only the moment of the addition moves.
 
-Threads. A tally is written only from Gru's event loop (workflows, pipelines and resource calls
-run there) and only ever grows; a flush may run on the loop (the timer) or on the scrape's
-thread, so it never resets a tally: it remembers what it already handed over, under one lock.
+Threads. A tally is written only from the event loop (workflows, pipelines, resource calls and
+worker-pool calls run there) and only ever grows; a flush may run on the loop (the timer) or on
+the scrape's thread, so it never resets a tally: it remembers what it already handed over,
+under one lock.
 """
 
 from __future__ import annotations
