@@ -116,14 +116,21 @@ class WorkerCrashed(_WorkerEnded):
         attempts: int = 1,
         hint: str = "",
         during: str = "",
+        cause: str = "",
+        host: str = "",
     ) -> None:
         self.signal = signal
         self.exit_code = exit_code
         self.reason = reason
         self.attempts = attempts
-        how = signal_name(signal) if signal is not None else f"exit code {exit_code}"
+        self.cause = cause  # the verdict's cause: "signal", "exit", "host_lost", ...
+        self.host = host  # the worker host it ran on; "" for a local worker
+        where = f"pid {pid} on host {host!r}" if host else f"pid {pid}"
+        how = (
+            "host_lost" if cause == "host_lost" else signal_name(signal) or f"exit code {exit_code}"
+        )
         text = (
-            f"worker {worker_id} (pid {pid}) of pool {pool!r} died of {how} ({reason}) "
+            f"worker {worker_id} ({where}) of pool {pool!r} died of {how} ({reason}) "
             f"{during or f'while running {method}()'}"
         )
         if attempts > 1:

@@ -6,6 +6,11 @@ machine, because there is no future per recv. The FD is edge-triggered and only 
 state changed", so (1) on wake we drain with non-blocking recv until ``zmq.Again``, and (2) after
 every send we schedule one more drain, since a send can consume the edge that announced incoming
 messages. Frames are handed to the owner whole; decoding and authentication are the owner's job.
+A pool's tcp channel for worker hosts is the same class made a CURVE server (``secure``): it
+also notes the name each connection authenticated as (the ZAP ``User-Id`` of its first frame)
+and counts failed handshakes (unknown key, plaintext client, wrong server key) from a socket
+monitor.
+
 Frames of ``ZERO_COPY_MIN_BYTES`` or more are sent zero-copy (ZeroMQ holds a reference to the
 immutable bytes until its I/O thread has written them); smaller ones are cheaper to copy.
 """
@@ -14,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from minions.ipc import messages as m
 
@@ -32,6 +39,24 @@ _RCVMORE = int(zmq.RCVMORE)
 _ZERO_COPY_MIN = m.ZERO_COPY_MIN_BYTES
 
 
+#: Makes a socket a CURVE server on a context; returns what stops its ZAP handler.
+Secure = Callable[[zmq.Context[zmq.Socket[bytes]], zmq.Socket[bytes]], Callable[[], None]]
+
+_HANDSHAKE_FAILURES = {
+    int(zmq.EVENT_HANDSHAKE_FAILED_AUTH): "auth",  # ZAP refused the key
+    int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "handshake",  # plaintext client, bad server key
+    int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL): "handshake",
+}
+
+
+_WHY = {
+    "auth": "its CURVE key is not in host_keys_dir",
+    "handshake": "no CURVE (a plaintext client), or it encrypts for another server key",
+}
+_WARN_EVERY_S = 10.0
+_HANDSHAKE_MS = 3000
+
+
 def _pending_input(sock: zmq.Socket[bytes]) -> int:
     return sock.getsockopt(_EVENTS) & _POLLIN  # type: ignore[operator]  # EVENTS is an int
 
@@ -44,6 +69,10 @@ class RouterChannel:
     of one per call). ``on_drained()`` runs after each batch of received messages, so the owner
     can answer a burst with one batch. ``on_bad(kind)`` counts shapes the protocol never sends.
     Must be used from the thread running the event loop.
+
+    With ``secure`` the socket is a CURVE server: :meth:`peer_name` tells the name a
+    connection authenticated as, and a failed handshake is counted as ``on_bad("auth")`` or
+    ``on_bad("handshake")``.
     """
 
     def __init__(
@@ -52,8 +81,15 @@ class RouterChannel:
         on_frames: Callable[[bytes, list[bytes]], None],
         on_bad: Callable[[str], None],
         on_drained: Callable[[], None],
+        secure: Secure | None = None,
     ) -> None:
         self.address = address
+        self._secure = secure
+        self._names: dict[bytes, str] | None = {} if secure is not None else None
+        self._stop_auth: Callable[[], None] | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
+        self._monitor_fd = -1
+        self._warned_at: dict[str, float] = {}
         self._on_frames = on_frames
         self._on_bad = on_bad
         self._on_drained = on_drained
@@ -71,10 +107,57 @@ class RouterChannel:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        if self._secure is not None:
+            self._stop_auth = self._secure(self._ctx, sock)
+            sock.setsockopt(zmq.HANDSHAKE_IVL, _HANDSHAKE_MS)  # a mute peer is dropped too
+            self._monitor = sock.get_monitor_socket(sum(_HANDSHAKE_FAILURES))
+            self._monitor_fd = int(self._monitor.getsockopt(zmq.FD))
+            self._loop.add_reader(self._monitor_fd, self._read_monitor)
+            self._loop.call_soon(self._read_monitor)  # read it empty once: that arms its edge
         sock.bind(self.address)
         self._sock = sock
         self._fd = int(sock.getsockopt(zmq.FD))
         self._loop.add_reader(self._fd, self._drain)
+
+    @property
+    def is_open(self) -> bool:
+        return self._sock is not None
+
+    @property
+    def bound(self) -> str:
+        """The address actually bound (a ``tcp://host:0`` address gets its port here)."""
+        assert self._sock is not None, "channel not open"
+        return str(self._sock.getsockopt_string(zmq.LAST_ENDPOINT))
+
+    def peer_name(self, identity: bytes) -> str:
+        """The name the connection ``identity`` authenticated as (``""`` if not known)."""
+        return self._names.get(identity, "") if self._names is not None else ""
+
+    def forget(self, identity: bytes) -> None:
+        """The owner is done with a connection: drop its name."""
+        if self._names is not None:
+            self._names.pop(identity, None)
+
+    def _read_monitor(self) -> None:
+        monitor = self._monitor
+        while monitor is not None:
+            try:
+                event = recv_monitor_message(monitor, _NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            kind = _HANDSHAKE_FAILURES.get(int(event["event"]))
+            if kind is not None:
+                self._on_bad(kind)
+                now = time.monotonic()
+                if now - self._warned_at.get(kind, -_WARN_EVERY_S) >= _WARN_EVERY_S:
+                    self._warned_at[kind] = now
+                    log.warning(
+                        "refused a connection on %s: %s (a peer retries every few 100 ms; "
+                        "each try counts in minions_protocol_errors_total{kind=%r})",
+                        self.address, _WHY[kind], kind,
+                    )  # fmt: skip
 
     def send(self, identity: bytes, payloads: list[bytes]) -> bool:
         """Queue payloads for one worker as one message; ``False`` if it is not connected."""
@@ -133,7 +216,12 @@ class RouterChannel:
                     break
                 # A ROUTER message is never the identity alone (a peer sends at least one
                 # frame), so its first payload is read without asking: one getsockopt fewer.
-                payloads = [sock.recv(_NOBLOCK)]
+                if self._names is not None and identity not in self._names:
+                    first = sock.recv(_NOBLOCK, copy=False)
+                    self._names[identity] = str(first.get("User-Id") or "")
+                    payloads = [first.bytes]
+                else:
+                    payloads = [sock.recv(_NOBLOCK)]
                 while sock.getsockopt(_RCVMORE):
                     payloads.append(sock.recv(_NOBLOCK))
                 try:
@@ -154,6 +242,17 @@ class RouterChannel:
         if self._loop is not None and self._fd >= 0:
             self._loop.remove_reader(self._fd)
             self._fd = -1
+        if self._monitor is not None:
+            if self._loop is not None and self._monitor_fd >= 0:
+                self._loop.remove_reader(self._monitor_fd)
+                self._monitor_fd = -1
+            if self._sock is not None:
+                self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+        if self._stop_auth is not None:
+            self._stop_auth()
+            self._stop_auth = None
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None

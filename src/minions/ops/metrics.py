@@ -129,9 +129,29 @@ POOL_CIRCUIT_OPEN = Gauge(
 )
 PROTOCOL_ERRORS = Counter(
     "minions_protocol_errors",
-    "Frames dropped because they did not decode or broke the "
-    "protocol (kind: decode, unauthenticated, unexpected).",
+    "Frames dropped or connections refused because they broke the protocol (kind: decode, "
+    "unauthenticated, unexpected; on a listen pool also auth: unknown CURVE key, handshake: "
+    "plaintext client or wrong server key, replayed: a host hello seen before, stale: frames "
+    "of an ended host session).",
     ["pool", "kind"],
+    registry=REGISTRY,
+)
+HOST_UP = Gauge(
+    "minions_host_up",
+    "1 while the worker host (named by its key file) has a session with the pool.",
+    ["pool", "host"],
+    registry=REGISTRY,
+)
+HOST_WORKERS = Gauge(
+    "minions_host_workers_alive",
+    "Workers of each worker host that take calls.",
+    ["pool", "host"],
+    registry=REGISTRY,
+)
+HOSTS_LOST = Counter(
+    "minions_hosts_lost",
+    "Worker host sessions that ended because the host went silent or its connection closed.",
+    ["pool", "host"],
     registry=REGISTRY,
 )
 

@@ -30,7 +30,13 @@ class PoolConfig:
     disables a limit.
 
     ``arena_mb`` is each worker's shared-memory arena, half for arguments and half for results;
-    buffers of ``arena_min_bytes`` or more travel through it (see ``minions.ipc.payload``)."""
+    buffers of ``arena_min_bytes`` or more travel through it (see ``minions.ipc.payload``).
+
+    ``listen`` (``"tcp://0.0.0.0:7000"``) also serves worker hosts on other machines, which
+    needs CURVE: ``server_key`` is the pool's ``.key_secret`` file and ``host_keys_dir`` the
+    directory of allowed host public keys (``NAME.key``; NAME labels the host). A host silent for
+    ``host_timeout_s`` is lost: its calls end with ``WorkerCrashed`` (``host_lost``) or are
+    retried. ``workers`` may then be 0: every call goes to the hosts."""
 
     service: str
     name: str = ""
@@ -59,6 +65,10 @@ class PoolConfig:
     arena_min_bytes: int = 65536
     memory: MemoryThresholds | None = None  # standalone pools: run an own memory monitor
     spawn: SpawnMode = SpawnMode.ZYGOTE
+    listen: str = ""
+    server_key: str = ""
+    host_keys_dir: str = ""
+    host_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.service, str) or self.service.count(":") != 1:
@@ -87,12 +97,28 @@ class PoolConfig:
             except ValueError:
                 choices = [mode.value for mode in SpawnMode]
                 raise ValueError(f"spawn must be one of {choices}, got {self.spawn!r}") from None
+        self._check_listen()
         if self.memory is not None and not isinstance(self.memory, MemoryThresholds):
             raise ValueError(f"memory must be a MemoryThresholds or None, got {self.memory!r}")
 
+    def _check_listen(self) -> None:
+        for name in ("listen", "server_key", "host_keys_dir"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a str, got {getattr(self, name)!r}")
+        if not self.listen:
+            return
+        if not self.listen.startswith("tcp://"):
+            raise ValueError(f"listen must be a tcp:// address, got {self.listen!r}")
+        if not self.server_key or not self.host_keys_dir:
+            raise ValueError(
+                f"listen={self.listen!r} needs CURVE: set server_key (the pool's .key_secret "
+                "file) and host_keys_dir (the allowed host public keys); make keys with "
+                "`minions keys generate`"
+            )
+
     def _check_ranges(self) -> None:
         at_least = {
-            "workers": 1,
+            "workers": 0 if self.listen else 1,
             "pipeline_depth": 1,
             "restart_intensity": 1,
             "max_queue": 1,
@@ -117,6 +143,7 @@ class PoolConfig:
             "shutdown_grace_s",
             "heartbeat_s",
             "rss_check_s",
+            "host_timeout_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")

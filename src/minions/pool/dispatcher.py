@@ -349,8 +349,10 @@ class Dispatcher:
         for call in calls:
             call.region = None  # the space died with the worker's arena
         culprit = next((c for c in calls if c.call_id == death.running_call), None)
-        if culprit is None and death.verdict.cause is DeathCause.TIMEOUT and calls:
-            culprit = calls[0]  # killed before its marker could say: the head overran
+        if culprit is None and death.verdict.cause.blames_head and calls:
+            # killed before its marker could say (the head overran), or its host is gone and
+            # with it the marker: the head may have been running
+            culprit = calls[0]
         started = calls.index(culprit) + 1 if culprit is not None else len(calls)
         back = []
         for i, call in enumerate(calls):
@@ -473,4 +475,5 @@ def _crash_error(
         pool=pool, worker_id=death.worker.worker_id, pid=death.worker.pid, method=call.method,
         signal=verdict.signal, exit_code=verdict.exit_code, reason=verdict.explanation,
         stack=verdict.stack, attempts=max(1, call.crashes), hint=hint, during=during,
+        cause=verdict.cause.value, host=death.worker.host,
     )  # fmt: skip

@@ -20,12 +20,14 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, slots=True)
 class WorkerRef:
     """A worker as the calls side knows it: the wire identity plus the ids errors name, and its
-    shared-memory arena (``None`` when the pool runs without one), valid until its Death."""
+    shared-memory arena (``None`` when the pool runs without one, and for a remote worker), valid
+    until its Death."""
 
     worker_id: int
     pid: int
     identity: bytes
     arena: ParentArena | None = None
+    host: str = ""  # the worker host it runs on; "" for a local worker
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,19 @@ class WorkerSnapshot:
     calls_served: int
     in_flight: int  # calls it owes answers for (running, pipelined, or answered unflushed)
     running: str = ""  # the method it is executing right now, per its call marker
+    host: str = ""  # the worker host it runs on (its pid is the host's); "" for a local worker
+
+
+@dataclass(frozen=True, slots=True)
+class HostSnapshot:
+    """One connected worker host, named by its key file in ``host_keys_dir``."""
+
+    name: str
+    pid: int  # of its ``minions worker-host`` process, on its own machine
+    hostname: str  # what the host says its machine is called (informational)
+    workers: int  # its workers that take calls now
+    silent_s: float  # since the pool last heard from it
+    connected_s: float  # since its session began
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +84,9 @@ class PoolSnapshot:
     circuit_opened: int = 0  # times the circuit opened, since the pool started
     zygote_pid: int = 0  # the zygote workers are forked from; 0: none (exec, or it is down)
     zygote_restarts: int = 0  # zygotes started to replace one that died
+    hosts: tuple[HostSnapshot, ...] = ()  # connected worker hosts (``listen`` pools)
+    listen: str = ""  # the tcp address worker hosts connect to; "" if none
+    hosts_lost: int = 0  # host sessions that ended in host_lost, since the pool started
 
 
 _OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (

@@ -26,6 +26,12 @@ class DeathCause(enum.Enum):
     RECYCLED = "recycled"  # the pool retired it (max calls, RSS, memory pressure)
     STOPPED = "stopped"  # pool shutdown
     CANCELLED = "cancelled"  # the pool killed it: the caller of a cancel="kill" call gave up
+    HOST_LOST = "host_lost"  # a remote worker whose host went silent (killed, gone, partitioned)
+
+    @property
+    def blames_head(self) -> bool:
+        """No call marker says what ran: the oldest call it owed is taken to be the one."""
+        return self in (DeathCause.TIMEOUT, DeathCause.HOST_LOST)
 
     @property
     def planned(self) -> bool:
@@ -75,10 +81,14 @@ class Verdict:
             DeathCause.RECYCLED: "recycled by the pool",
             DeathCause.STOPPED: "stopped by the pool",
             DeathCause.CANCELLED: "killed by the pool: its caller cancelled a cancel='kill' call",
+            DeathCause.HOST_LOST: "its worker host went silent (killed, gone, or cut off by the "
+            "network); the call may have run",
         }[self.cause]
 
     def describe(self) -> str:
         """Human phrase for log lines: ``SIGSEGV (segmentation fault in native code)``."""
+        if self.cause is DeathCause.HOST_LOST:
+            return f"host_lost ({self.explanation})"
         how = signal_name(self.signal) if self.signal is not None else f"exit code {self.exit_code}"
         return f"{how} ({self.explanation})"
 
