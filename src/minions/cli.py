@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     from minions.control.commands import add_commands  # status, pools, orchestrations, init-store
 
     add_commands(commands)
+    from minions.remote import commands as remote  # worker-host, keys generate
+
+    remote.add_commands(commands)
     commands.add_parser(
         "worker",
         help="serve a WorkerService (spawned by worker pools; not for interactive use)",

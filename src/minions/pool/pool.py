@@ -14,16 +14,18 @@ holds the lifecycle. The call API (typed ``call``, ``options``, ``map``) and its
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import msgspec
 
 from minions.errors import PoolUnavailable, ProtocolError, RemoteError
 from minions.ipc import messages as m
-from minions.ipc.arena import ArenaError
+from minions.ipc.arena import ArenaError, ParentArena
 from minions.ipc.channel import RouterChannel
 from minions.ipc.endpoint import Endpoint
 from minions.ipc.payload import read_result
@@ -43,10 +45,14 @@ from minions.pool.calls import PendingCall
 from minions.pool.config import PoolConfig
 from minions.pool.dispatcher import Dispatcher
 from minions.pool.events import Death, Settlement, WorkerRef
+from minions.pool.hosts import Hosts
 from minions.pool.pressure import MemoryPressure, throttle
-from minions.pool.process import Phase, WorkerProcess
+from minions.pool.process import Phase
 from minions.pool.states import Circuit, PoolSnapshot, PoolState
 from minions.pool.supervisor import Supervisor
+from minions.pool.verdict import DeathCause
+from minions.remote import wire
+from minions.remote.keys import KeyFileError, ServerKeys
 from minions.resource import Resource, stop_deadline
 
 log = logging.getLogger("minions.pool")
@@ -55,6 +61,29 @@ _TICK_S = 0.05
 _STOP_RESERVE_S = 7.0  # of a shutdown deadline, kept for stopping workers (3 escalation steps)
 
 CircuitListener = Callable[["WorkerPool", Circuit], None]
+
+
+class Peer(Protocol):
+    """What frame handling needs of a worker, local (a process) or remote (on a host)."""
+
+    @property
+    def identity(self) -> bytes: ...
+    @property
+    def worker_id(self) -> int: ...
+    @property
+    def said_hello(self) -> bool: ...
+    @property
+    def arena(self) -> ParentArena | None: ...
+
+
+W = TypeVar("W", bound=Peer, contravariant=True)
+
+
+class PeerOwner(Protocol[W]):
+    """The owner of a kind of worker: the Supervisor (local) or the Hosts (remote)."""
+
+    def on_hello(self, worker: W, hello: m.Hello) -> None: ...
+    def served(self, worker: W, answers: int) -> None: ...
 
 
 class WorkerPool(Calling[S], Resource):
@@ -107,7 +136,11 @@ class WorkerPool(Calling[S], Resource):
         self._dispatcher = Dispatcher(self.config, self.name, self._send, self)
         self._calls = CallFront(self.name, self._dispatcher, self._check_accepting)
         Calling.__init__(self, self._calls)
-        self._supervisor = Supervisor(self.config, self.name, self, self._send)
+        worker_ids = itertools.count(1)  # one id space for local and remote workers
+        self._supervisor = Supervisor(self.config, self.name, self, self._send, worker_ids)
+        listens = bool(self.config.listen)
+        self._hosts = Hosts(self.config, self.name, self, worker_ids) if listens else None
+        self._tcp: RouterChannel | None = None
         self._pressure = MemoryPressure(
             self.config,
             self.name,
@@ -145,6 +178,7 @@ class WorkerPool(Calling[S], Resource):
         )
         try:
             self._channel.open()
+            self._open_tcp()
             self._supervisor.begin(self._endpoint, self._specs)
             try:
                 await asyncio.wait_for(self._supervisor.wait_booted(), self.config.boot_timeout_s)
@@ -164,6 +198,24 @@ class WorkerPool(Calling[S], Resource):
         log.info(
             "pool %s: started %d workers of %s", self.name, self.config.workers, self.config.service
         )
+
+    def _open_tcp(self) -> None:
+        """Listen for worker hosts, when configured: CURVE or nothing (see ``PoolConfig``)."""
+        if self._hosts is None:
+            return
+        keys = ServerKeys(Path(self.config.server_key), Path(self.config.host_keys_dir))
+        try:
+            keys.check()
+        except KeyFileError as exc:
+            why = f"cannot listen on {self.config.listen}: {exc}"
+            raise PoolUnavailable(self.name, why) from None
+        self._tcp = RouterChannel(
+            self.config.listen, self._on_host_frames, self._count_bad_frame, self.changed,
+            secure=keys.configure,
+        )  # fmt: skip
+        self._tcp.open()
+        self._hosts.begin(self._tcp, tuple(self._specs))
+        log.info("pool %s: worker hosts connect to %s", self.name, self._tcp.bound)
 
     def _load_service(self) -> None:
         try:
@@ -185,6 +237,8 @@ class WorkerPool(Calling[S], Resource):
             now = time.monotonic()
             self._dispatcher.enforce_deadlines(now)
             self._supervisor.tick(now)
+            if self._hosts is not None:
+                self._hosts.tick(now)
             self._publish_gauges()
 
     async def shutdown(self, *, deadline: float | None = None) -> None:
@@ -206,13 +260,13 @@ class WorkerPool(Calling[S], Resource):
         grace = max(0.0, min(self.config.shutdown_grace_s, deadline - reserve - now))
         await self._pressure.unhook()
         await self._wait_until(
-            lambda: (
-                not self._dispatcher.waiting_callers() or not self._supervisor.count_dispatchable()
-            ),
+            lambda: not self._dispatcher.waiting_callers() or not self._count_dispatchable(),
             grace,
         )
         gone = PoolUnavailable(self.name, "the pool shut down before the call ran")
         self._dispatcher.fail_queue(gone)
+        if self._hosts is not None:
+            self._hosts.close()  # their workers end with STOPPED: what they owed fails now
         await self._supervisor.stop_all(deadline, self._wait_until)
         self._dispatcher.fail_queue(gone)  # calls a stopped worker owed but never started
         if self._task is not None:
@@ -220,6 +274,8 @@ class WorkerPool(Calling[S], Resource):
             await asyncio.gather(self._task, return_exceptions=True)
         if self._channel is not None:
             self._channel.close()
+        if self._tcp is not None:
+            self._tcp.close()
         if self._endpoint is not None:
             self._endpoint.remove()
         self._state = PoolState.CLOSED
@@ -243,8 +299,11 @@ class WorkerPool(Calling[S], Resource):
         if self._state is not PoolState.RUNNING:
             raise PoolUnavailable(self.name, "it is not running")
         replaced = 0
+        hosts = self._hosts
         for worker_id in [w.worker_id for w in self.snapshot().workers if w.phase == "ready"]:
-            if self._supervisor.retire_by_id(worker_id, "restart"):
+            if self._supervisor.retire_by_id(worker_id, "restart") or (
+                hosts is not None and hosts.retire_by_id(worker_id, "restart")
+            ):
                 replaced += 1
                 if not await self.wait_ready():
                     raise PoolUnavailable(
@@ -270,6 +329,9 @@ class WorkerPool(Calling[S], Resource):
     # --- wire -----------------------------------------------------------------------------
 
     def _send(self, identity: bytes, payloads: list[bytes]) -> bool:
+        hosts = self._hosts
+        if hosts is not None and hosts.owns(identity):
+            return hosts.send(identity, payloads)
         return self._channel is not None and self._channel.send(identity, payloads)
 
     def _on_frames(self, identity: bytes, payloads: list[bytes]) -> None:
@@ -277,19 +339,34 @@ class WorkerPool(Calling[S], Resource):
         if worker is None:
             self._count_bad_frame("unauthenticated")
             return
+        self._handle(worker, payloads, self._supervisor)
+
+    def _on_host_frames(self, rid: bytes, payloads: list[bytes]) -> None:
+        """A message of a worker host: control, or frames it relays from one of its workers."""
+        hosts = self._hosts
+        assert hosts is not None
+        if payloads[0] == wire.CONTROL:
+            for payload in payloads[1:]:
+                hosts.on_control(rid, payload)
+            return
+        worker = hosts.heard(rid, payloads[0])
+        if worker is not None:
+            self._handle(worker, payloads[1:], hosts)
+
+    def _handle(self, worker: W, payloads: list[bytes], owner: PeerOwner[W]) -> None:
         answered = 0
         for payload in payloads:
             try:
-                answered += self._on_message(worker, payload)
+                answered += self._on_message(worker, payload, owner)
             except Exception:  # a bug here must not stop the drain of the other frames
                 log.exception(
                     "pool %s: handling a frame of worker %d failed", self.name, worker.worker_id
                 )
                 self._count_bad_frame("handler")
         if answered:
-            self._supervisor.served(worker, answered)
+            owner.served(worker, answered)
 
-    def _on_message(self, worker: WorkerProcess, payload: bytes) -> int:
+    def _on_message(self, worker: W, payload: bytes, owner: PeerOwner[W]) -> int:
         """Handle one frame; returns 1 if it answered a call."""
         try:
             msg = m.parent_decoder.decode(payload)
@@ -318,18 +395,18 @@ class WorkerPool(Calling[S], Resource):
                     )
                     return 1
             case m.Hello():
-                self._supervisor.on_hello(worker, msg)
+                owner.on_hello(worker, msg)
             case m.Heartbeat():
                 pass  # heard() already noted it
         return 0
 
-    def _take(self, worker: WorkerProcess, call_id: int) -> PendingCall | None:
+    def _take(self, worker: Peer, call_id: int) -> PendingCall | None:
         call = self._dispatcher.take(worker.identity, call_id) if worker.said_hello else None
         if call is None:
             self._count_bad_frame("unexpected")
         return call
 
-    def _resolve(self, worker: WorkerProcess, call: PendingCall, result: m.Result) -> None:
+    def _resolve(self, worker: Peer, call: PendingCall, result: m.Result) -> None:
         try:
             if result.buffer is None:
                 value = self._decoders[call.method].decode(result.value)
@@ -357,7 +434,7 @@ class WorkerPool(Calling[S], Resource):
         else:
             call.resolve(value)
 
-    def _undecodable(self, worker: WorkerProcess, exc: Exception) -> int:
+    def _undecodable(self, worker: Peer, exc: Exception) -> int:
         """A frame from one of our workers did not decode. Workers answer strictly in order and
         only a result carries handler-made structure, so it is the answer to the oldest call the
         worker owes: that call fails now instead of waiting for its timeout."""
@@ -414,17 +491,33 @@ class WorkerPool(Calling[S], Resource):
             except Exception:
                 log.exception("pool %s: circuit listener %r raised", self.name, listener)
 
+    def _remote(self, worker: WorkerRef) -> Hosts | None:
+        hosts = self._hosts
+        return hosts if hosts is not None and hosts.owns(worker.identity) else None
+
     def call_overran(self, worker: WorkerRef, call: PendingCall) -> None:
-        self._supervisor.kill_overran(worker, call.method, call.timeout_s)
+        if hosts := self._remote(worker):
+            hosts.kill(worker, DeathCause.TIMEOUT, call.method, call.timeout_s)
+        else:
+            self._supervisor.kill_overran(worker, call.method, call.timeout_s)
 
     def call_cancelled(self, worker: WorkerRef, call: PendingCall) -> None:
-        self._supervisor.kill_cancelled(worker, call.method)
+        if hosts := self._remote(worker):
+            hosts.kill(worker, DeathCause.CANCELLED, call.method, call.timeout_s)
+        else:
+            self._supervisor.kill_cancelled(worker, call.method)
 
     def lane_lost(self, worker: WorkerRef) -> None:
-        self._supervisor.lose(worker)
+        if hosts := self._remote(worker):
+            hosts.lose_worker(worker)
+        else:
+            self._supervisor.lose(worker)
 
     def lane_drained(self, worker: WorkerRef) -> None:
-        self._supervisor.drained(worker)
+        if hosts := self._remote(worker):
+            hosts.drained(worker)
+        else:
+            self._supervisor.drained(worker)
 
     def changed(self) -> None:
         """Something moved (a burst of frames drained, a worker came or went): dispatch once
@@ -434,24 +527,34 @@ class WorkerPool(Calling[S], Resource):
 
     # --- observation and memory pressure ---------------------------------------------------
 
+    def _count_dispatchable(self) -> int:
+        remote = self._hosts.count_ready() if self._hosts is not None else 0
+        return self._supervisor.count_dispatchable() + remote
+
     def snapshot(self) -> PoolSnapshot:
-        sup = self._supervisor
+        sup, hosts = self._supervisor, self._hosts
+        rows = sup.rows(self._dispatcher.describe_lane)
+        if hosts is not None:
+            rows += hosts.rows(self._dispatcher.describe_lane)
         return PoolSnapshot(
             name=self.name,
             state=self._state,
             circuit=sup.breaker.state,
-            workers_ready=sup.count_dispatchable(),
+            workers_ready=self._count_dispatchable(),
             spares_ready=sup.count(Phase.READY, dispatchable=False),
             booting=sup.count_booting(),
             in_flight=self._dispatcher.in_flight,
             queue_depth=self._dispatcher.queue_depth,
             memory_level=self._pressure.level,
             pids=tuple(sup.pids()),
-            workers=sup.rows(self._dispatcher.describe_lane),
+            workers=rows,
             restarts=sup.restarts,
             circuit_opened=sup.breaker.opened,
             zygote_pid=sup.spawner.zygote_pid,
             zygote_restarts=sup.spawner.zygote_restarts,
+            hosts=hosts.snapshots() if hosts is not None else (),
+            listen=self._tcp.bound if self._tcp is not None and self._tcp.is_open else "",
+            hosts_lost=hosts.lost if hosts is not None else 0,
         )
 
     def worker_pids(self) -> list[int]:
@@ -481,7 +584,8 @@ class WorkerPool(Calling[S], Resource):
 
     def _publish_gauges(self) -> None:
         sup = self._supervisor
-        self._labels["alive"].set(sup.count(Phase.READY))
+        remote = self._hosts.count_ready() if self._hosts is not None else 0
+        self._labels["alive"].set(sup.count(Phase.READY) + remote)
         self._labels["queue"].set(self._dispatcher.queue_depth)
         self._labels["circuit"].set(1 if sup.breaker.state is Circuit.OPEN else 0)
         self._labels["rss"].set(sup.rss_bytes())

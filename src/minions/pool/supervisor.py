@@ -20,7 +20,7 @@ import logging
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -66,7 +66,12 @@ class Supervisor:
     """Process table, spawning, deaths, intensity, backoff, circuit and recycling of one pool."""
 
     def __init__(
-        self, config: PoolConfig, pool_name: str, events: WorkerEvents, send: Send
+        self,
+        config: PoolConfig,
+        pool_name: str,
+        events: WorkerEvents,
+        send: Send,
+        worker_ids: Iterator[int] | None = None,
     ) -> None:
         self.cfg = config
         self.pool_name = pool_name
@@ -76,7 +81,7 @@ class Supervisor:
         self._spawning: dict[int, Role] = {}  # asked for, not yet a process (zygote replies)
         self._arenas: dict[int, ParentArena] = {}  # the arenas of those, until they exist
         self.spawner = Spawner(config, pool_name, self)
-        self._worker_ids = itertools.count(1)
+        self._worker_ids = worker_ids if worker_ids is not None else itertools.count(1)
         self._intensity = RestartIntensity(config.restart_intensity, config.restart_period_s)
         self._backoff = Backoff(config.restart_backoff_initial_s, config.restart_backoff_max_s)
         self.breaker = CircuitBreaker(config.circuit_reset_s, config.circuit_reset_max_s)
