@@ -1,0 +1,379 @@
+"""Worker hosts over loopback tcp with CURVE: real ``minions worker-host`` processes stand in
+for other machines (``minions.pool.hosts`` on the pool's side, ``minions.remote.host`` on the
+host's)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.auth
+
+from conftest import eventually, run
+from minions.errors import CallTimeout, PoisonCall, WorkerCrashed
+from minions.ipc import messages as m
+from minions.ops import metrics
+from minions.pool.config import PoolConfig
+from minions.remote import wire
+from minions.remote.keys import generate
+from minions.workers import WorkerPool
+from remote_services import Remote
+
+TESTS = Path(__file__).parent
+
+
+class RemotePool(WorkerPool[Remote]):
+    workers = 1
+    listen = "tcp://127.0.0.1:0"
+    host_timeout_s = 1.0
+    call_timeout_s = 20.0
+    restart_intensity = 50
+
+
+@dataclass
+class Site:
+    """Keys in a temporary directory, and the worker-host processes started from them."""
+
+    root: Path
+    hosts: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def pool(self, **overrides: object) -> RemotePool:
+        config = PoolConfig.from_class(
+            RemotePool,
+            server_key=str(self.root / "pool" / "pool.key_secret"),
+            host_keys_dir=str(self.root / "allowed"),
+            **overrides,
+        )
+        return RemotePool(config)
+
+    def host(self, address: str, name: str, workers: int = 2) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
+        argv = [
+            sys.executable, "-m", "minions", "worker-host", "--connect", address,
+            "--service", "remote_services:Remote", "--workers", str(workers),
+            "--key", str(self.root / "secrets" / f"{name}.key_secret"),
+            "--server-key", str(self.root / "pool" / "pool.key"),
+        ]  # fmt: skip
+        log = open(self.root / f"{name}-{len(self.hosts)}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, start_new_session=True)
+        self.hosts.append(proc)
+        return proc
+
+    def keypair(self, name: str) -> tuple[bytes, bytes]:
+        return zmq.auth.load_certificate(str(self.root / "secrets" / f"{name}.key_secret"))
+
+    def server_public(self) -> bytes:
+        return zmq.auth.load_certificate(str(self.root / "pool" / "pool.key"))[0]
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    generate(tmp_path / "pool", "pool")
+    for name in ("alpha", "beta", "outsider"):
+        generate(tmp_path / "secrets", name)
+    (tmp_path / "allowed").mkdir()
+    for name in ("alpha", "beta"):  # the outsider's key is not allowed
+        (tmp_path / "allowed" / f"{name}.key").write_bytes(
+            (tmp_path / "secrets" / f"{name}.key").read_bytes()
+        )
+    s = Site(tmp_path)
+    yield s
+    for proc in s.hosts:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def host_rows(pool: RemotePool, host: str) -> list[object]:
+    return [w for w in pool.snapshot().workers if w.host == host and w.phase == "ready"]
+
+
+async def wait_hosts(pool: RemotePool, **workers: int) -> None:
+    def joined() -> bool:
+        return all(len(host_rows(pool, name)) >= n for name, n in workers.items())
+
+    await eventually(joined, timeout=20)
+
+
+def errors(pool: str) -> dict[str, float]:
+    return {
+        s.labels["kind"]: s.value
+        for family in metrics.PROTOCOL_ERRORS.collect()
+        for s in family.samples
+        if s.name.endswith("_total") and s.labels["pool"] == pool
+    }
+
+
+def test_one_local_worker_and_two_hosts_serve_mixed_calls(site: Site) -> None:
+    async def scenario() -> None:
+        async with site.pool(name="mixed") as pool:
+            address = pool.snapshot().listen
+            site.host(address, "alpha")
+            site.host(address, "beta")
+            await wait_hosts(pool, alpha=2, beta=2)
+            assert {h.name for h in pool.snapshot().hosts} == {"alpha", "beta"}
+            blobs = [os.urandom(i * 37 % 3000) for i in range(1000)]
+            calls = []
+            for i, blob in enumerate(blobs):
+                match i % 3:
+                    case 0:
+                        calls.append(pool.call(Remote.ping, i))
+                    case 1:
+                        calls.append(pool.call(Remote.crc32, blob))
+                    case _:
+                        calls.append(pool.call(Remote.echo, blob))
+            results = await asyncio.gather(*calls)
+            for i, (blob, result) in enumerate(zip(blobs, results, strict=True)):
+                assert result == (i, zlib.crc32(blob), blob)[i % 3 if i % 3 < 2 else 2]
+            served = {w.host: 0 for w in pool.snapshot().workers}
+            for w in pool.snapshot().workers:
+                served[w.host] += w.calls_served
+            assert all(served[h] > 0 for h in ("", "alpha", "beta")), served
+            big = os.urandom(3 * 2**20)  # tcp payloads travel as frames, never the arena
+            assert await pool.call(Remote.echo, big) == big
+
+    run(scenario())
+
+
+def test_sigkill_of_a_host_mid_load_ends_its_calls_and_the_rest_carry_on(site: Site) -> None:
+    async def scenario() -> None:
+        async with site.pool(name="killed", workers=1) as pool:
+            address = pool.snapshot().listen
+            alpha = site.host(address, "alpha")
+            site.host(address, "beta")
+            await wait_hosts(pool, alpha=2, beta=2)
+            calls = [asyncio.create_task(pool.call(Remote.pid_after, 0.05)) for _ in range(200)]
+            await eventually(lambda: any(w.in_flight for w in host_rows(pool, "alpha")))
+            alpha_pids = {w.pid for w in host_rows(pool, "alpha")}
+            os.killpg(alpha.pid, signal.SIGKILL)
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            lost = [o for o in outcomes if isinstance(o, WorkerCrashed)]
+            assert lost, "no call was running on the killed host"
+            assert all(e.cause == "host_lost" and e.host == "alpha" for e in lost), lost
+            assert "host_lost" in str(lost[0])
+            assert all(isinstance(o, int | WorkerCrashed) for o in outcomes), outcomes
+            assert len(lost) <= len(alpha_pids)  # only the call each worker was on
+            assert pool.snapshot().hosts_lost == 1
+            assert [h.name for h in pool.snapshot().hosts] == ["beta"]
+            assert isinstance(await pool.call(Remote.pid_after, 0.0), int)
+
+    run(scenario())
+
+
+def test_a_lost_host_call_is_retried_elsewhere_under_retries_on_crash(site: Site) -> None:
+    async def scenario() -> None:
+        async with site.pool(name="retried", workers=0, retries_on_crash=1) as pool:
+            address = pool.snapshot().listen
+            alpha = site.host(address, "alpha", workers=1)
+            await wait_hosts(pool, alpha=1)
+            call = asyncio.create_task(pool.call(Remote.pid_after, 2.0))
+            await eventually(lambda: any(w.in_flight for w in host_rows(pool, "alpha")))
+            site.host(address, "beta", workers=1)
+            await wait_hosts(pool, beta=1)
+            beta_pid = host_rows(pool, "beta")[0].pid
+            assert not call.done() and any(w.in_flight for w in host_rows(pool, "alpha"))
+            os.killpg(alpha.pid, signal.SIGKILL)
+            assert await call == beta_pid
+
+    run(scenario())
+
+
+def test_a_partitioned_host_is_lost_its_late_answers_dropped_and_it_rejoins(site: Site) -> None:
+    """SIGSTOP stands in for a partition: the host's workers finish their calls while nobody
+    relays the answers; the pool retries them elsewhere after host_timeout_s. After SIGCONT
+    the late answers arrive, are dropped (counted as stale), and the host starts a new session
+    with fresh workers."""
+
+    async def scenario() -> None:
+        async with site.pool(name="partition", workers=0, retries_on_crash=1) as pool:
+            address = pool.snapshot().listen
+            alpha = site.host(address, "alpha", workers=2)
+            await wait_hosts(pool, alpha=2)
+            old_pids = {w.pid for w in host_rows(pool, "alpha")}
+            calls = [asyncio.create_task(pool.call(Remote.pid_after, 0.3)) for _ in range(2)]
+            await eventually(lambda: sum(w.in_flight for w in host_rows(pool, "alpha")) == 2)
+            os.killpg(alpha.pid, signal.SIGSTOP)  # the host and its workers: a cut cable
+            try:
+                site.host(address, "beta", workers=2)
+                await wait_hosts(pool, beta=2)
+                beta_pids = {w.pid for w in host_rows(pool, "beta")}
+                results = await asyncio.gather(*calls)
+                assert set(results) <= beta_pids  # answered once each, by the retry
+                assert pool.snapshot().hosts_lost == 1
+                stale_before = errors("partition").get("stale", 0)
+            finally:
+                os.killpg(alpha.pid, signal.SIGCONT)
+            await eventually(lambda: errors("partition").get("stale", 0) > stale_before)
+            await wait_hosts(pool, alpha=2)  # a new session, re-authenticated
+            new_pids = {w.pid for w in host_rows(pool, "alpha")}
+            assert not new_pids & old_pids  # its old workers ended with the old session
+            assert all(not c.exception() for c in calls)
+            assert await pool.call(Remote.ping, 7) == 7
+
+    run(scenario(), timeout=60)
+
+
+def test_a_remote_segfault_is_the_same_worker_crashed_as_a_local_one(site: Site) -> None:
+    async def scenario() -> None:
+        async with site.pool(name="segv", workers=1) as pool:
+            with pytest.raises(WorkerCrashed) as local:
+                await pool.call(Remote.segfault)
+        async with site.pool(name="segv-remote", workers=0) as pool:
+            site.host(pool.snapshot().listen, "alpha", workers=1)
+            await wait_hosts(pool, alpha=1)
+            with pytest.raises(WorkerCrashed) as remote:
+                await pool.call(Remote.segfault)
+            await wait_hosts(pool, alpha=1)  # the host replaced it
+            assert await pool.call(Remote.ping, 3) == 3
+        for crash in (local.value, remote.value):
+            assert crash.signal == signal.SIGSEGV and crash.cause == "signal"
+            assert "segmentation fault" in crash.reason
+            assert "segfault" in crash.stack  # faulthandler's Python stack, from the host
+        assert remote.value.host == "alpha" and local.value.host == ""
+
+    run(scenario())
+
+
+def test_unknown_key_plaintext_and_wrong_server_key_are_refused_and_counted(site: Site) -> None:
+    async def scenario() -> None:
+        async with site.pool(name="guarded") as pool:
+            address = pool.snapshot().listen
+            ctx = zmq.Context()
+            server = site.server_public()
+
+            def client(pub: bytes = b"", secret: bytes = b"", server: bytes = b"") -> None:
+                sock = ctx.socket(zmq.DEALER)
+                sock.linger = 0
+                if server:
+                    sock.curve_serverkey, sock.curve_publickey = server, pub
+                    sock.curve_secretkey = secret
+                sock.connect(address)
+                sock.send_multipart([wire.CONTROL, b"\x91\x00"])
+                sockets.append(sock)
+
+            sockets: list[zmq.Socket[bytes]] = []
+            try:
+                client(*site.keypair("outsider"), server)  # a key not in host_keys_dir
+                await eventually(lambda: errors("guarded").get("auth", 0) >= 1)
+                client()  # plaintext: no key at all
+                await eventually(lambda: errors("guarded").get("handshake", 0) >= 1)
+                before = errors("guarded")["handshake"]
+                client(*site.keypair("alpha"), site.keypair("beta")[0])  # wrong server key
+                await eventually(lambda: errors("guarded")["handshake"] > before)
+                raw = socket.create_connection(("127.0.0.1", int(address.rsplit(":", 1)[1])))
+                raw.sendall(b"GET / HTTP/1.0\r\n\r\n")  # not even ZeroMQ: closed by libzmq
+                raw.close()
+            finally:
+                for sock in sockets:
+                    sock.close()
+                ctx.term()
+            assert not pool.snapshot().hosts  # nobody joined
+            assert await pool.call(Remote.ping, 1) == 1  # and the pool serves on
+            site.host(address, "alpha", workers=1)  # a real host still joins
+            await wait_hosts(pool, alpha=1)
+
+    run(scenario())
+
+
+def test_a_replayed_hello_is_refused_and_counted(site: Site) -> None:
+    """An allowed host re-sending a session's hello (same routing id) after the session ended
+    is refused; a fresh session of the same key is welcome."""
+
+    async def scenario() -> None:
+        async with site.pool(name="replay") as pool:
+            ctx = zmq.Context()
+            pub, secret = site.keypair("alpha")
+            methods = tuple(sorted(("ping", "crc32", "echo", "pid_after", "segfault")))
+            service = "remote_services:Remote"
+            protocols = (wire.HOST_PROTOCOL, m.PROTOCOL_VERSION)
+            hello_msg = wire.HostHello(*protocols, service, methods, 1, 1)
+            hello = wire.encoder.encode(hello_msg)
+
+            def session(rid: bytes) -> zmq.Socket[bytes]:
+                sock = ctx.socket(zmq.DEALER)
+                sock.linger = 0
+                sock.routing_id = rid
+                sock.curve_serverkey = site.server_public()
+                sock.curve_publickey, sock.curve_secretkey = pub, secret
+                sock.connect(pool.snapshot().listen)
+                sock.send_multipart([wire.CONTROL, hello])
+                return sock
+
+            async def answer(sock: zmq.Socket[bytes]) -> wire.PoolMessage:
+                while True:  # skip the pool's beats
+                    await eventually(lambda: sock.poll(0), timeout=10)
+                    msg = wire.pool_decoder.decode(sock.recv_multipart()[1])
+                    if not isinstance(msg, wire.Beat):
+                        return msg
+
+            try:
+                first = session(b"h-replayed-session")
+                assert isinstance(await answer(first), wire.Welcome)
+                first.send_multipart([wire.CONTROL, hello])  # the same hello again
+                refused = await answer(first)
+                assert isinstance(refused, wire.Refused) and "replayed" in refused.reason
+                assert errors("replay")["replayed"] == 1
+                first.close()
+                await eventually(lambda: not pool.snapshot().hosts)  # silent: lost
+                again = session(b"h-replayed-session")  # reconnects with the old session id
+                refused = await answer(again)
+                assert isinstance(refused, wire.Refused) and "replayed" in refused.reason
+                assert errors("replay")["replayed"] == 2
+                again.close()
+                fresh = session(b"h-a-fresh-session")
+                assert isinstance(await answer(fresh), wire.Welcome)
+                fresh.close()
+            finally:
+                ctx.term()
+
+    run(scenario())
+
+
+def test_listen_refuses_to_start_without_curve(site: Site) -> None:
+    with pytest.raises(ValueError, match="needs CURVE"):
+        PoolConfig(service="remote_services:Remote", listen="tcp://127.0.0.1:0")
+    with pytest.raises(ValueError, match="tcp://"):
+        PoolConfig(
+            service="remote_services:Remote", listen="ipc:///tmp/x", server_key="k",
+            host_keys_dir="d",
+        )  # fmt: skip
+
+
+def test_remote_workers_time_out_recycle_and_quarantine_like_local_ones(site: Site) -> None:
+    """Deadlines, max_calls recycling and the poison quarantine are the pool's, whatever the
+    worker's machine: the host only carries out the kill or the retirement."""
+
+    async def scenario() -> None:
+        pool = site.pool(
+            name="policies", workers=0, call_timeout_s=1.0, max_calls_per_worker=5,
+            retries_on_crash=1,
+        )  # fmt: skip
+        async with pool:
+            site.host(pool.snapshot().listen, "alpha", workers=2)
+            await wait_hosts(pool, alpha=2)
+            with pytest.raises(CallTimeout) as overran:
+                await pool.call(Remote.pid_after, 30.0)
+            assert "pid_after" in overran.value.stack  # dumped on the host before the kill
+            await wait_hosts(pool, alpha=2)
+            first = {w.pid for w in host_rows(pool, "alpha")}
+            pids = [await pool.call(Remote.pid_after, 0.0) for _ in range(20)]
+            assert len(set(pids)) > 2 and not set(pids) <= first  # retired after 5 calls each
+            with pytest.raises(PoisonCall) as poison:
+                await pool.call(Remote.segfault)
+            assert poison.value.attempts == 2
+            with pytest.raises(PoisonCall):  # quarantined: fails fast, crashes nothing more
+                await pool.call(Remote.segfault)
+            await wait_hosts(pool, alpha=2)
+            assert await pool.call(Remote.ping, 9) == 9
+
+    run(scenario())
