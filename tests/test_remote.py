@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ import zmq
 import zmq.auth
 
 from conftest import eventually, run
+from minions.control import messages as cm
+from minions.control.commands import status_lines
+from minions.control.server import pool_row
 from minions.errors import CallTimeout, PoisonCall, WorkerCrashed
 from minions.ipc import messages as m
 from minions.ops import metrics
@@ -105,6 +109,11 @@ async def wait_hosts(pool: RemotePool, **workers: int) -> None:
     await eventually(joined, timeout=20)
 
 
+def status_of(pool: RemotePool) -> cm.Status:
+    head = (os.getpid(), "running", time.time(), "NORMAL", False, False, None, 0)
+    return cm.Status(*head, orchestrations=(), pools=(pool_row(pool),))
+
+
 def errors(pool: str) -> dict[str, float]:
     return {
         s.labels["kind"]: s.value
@@ -141,6 +150,11 @@ def test_one_local_worker_and_two_hosts_serve_mixed_calls(site: Site) -> None:
             assert all(served[h] > 0 for h in ("", "alpha", "beta")), served
             big = os.urandom(3 * 2**20)  # tcp payloads travel as frames, never the arena
             assert await pool.call(Remote.echo, big) == big
+            alive = metrics.HOST_WORKERS.labels("mixed", "alpha")._value.get()
+            assert alive == 2 and metrics.HOST_UP.labels("mixed", "beta")._value.get() == 1
+            lines = "\n".join(status_lines(status_of(pool), time.time()))
+            assert "worker hosts connect to tcp://127.0.0.1:" in lines and "2 connected" in lines
+            assert sum(" alpha " in line for line in lines.splitlines()) == 3  # 2 workers + host
 
     run(scenario())
 

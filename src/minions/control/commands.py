@@ -168,14 +168,35 @@ def status_lines(s: m.Status, now: float) -> list[str]:
             f"memory {p.memory_level}",
         ]
         workers: list[tuple[str, ...]] = [
-            ("  WORKER", "PID", "ROLE", "PHASE", "RSS", "CALLS", "IN FLIGHT")
+            ("  WORKER", "HOST", "PID", "ROLE", "PHASE", "RSS", "CALLS", "IN FLIGHT")
         ]
         workers += [
-            (f"  {w.worker_id}", str(w.pid), w.role, w.phase, f"{w.rss_bytes / MiB:.1f} MiB",
-             str(w.calls_served), str(w.in_flight))
+            (f"  {w.worker_id}", w.host or "-", str(w.pid), w.role, w.phase,
+             f"{w.rss_bytes / MiB:.1f} MiB" if not w.host else "-", str(w.calls_served),
+             str(w.in_flight))
             for w in p.workers
         ]  # fmt: skip
         lines += _table(workers)
+        if p.listen:
+            lines += _host_lines(p)
+    return lines
+
+
+def _host_lines(p: m.PoolRow) -> list[str]:
+    lines = [
+        f"  worker hosts connect to {p.listen}: {len(p.hosts)} connected, {p.hosts_lost} lost "
+        "since start"
+    ]
+    if p.hosts:
+        rows: list[tuple[str, ...]] = [
+            ("  HOST", "PID", "MACHINE", "WORKERS", "CONNECTED", "LAST HEARD")
+        ]
+        rows += [
+            (f"  {h.name}", str(h.pid), h.hostname or "?", str(h.workers), _age(h.connected_s),
+             f"{h.silent_s:.1f}s ago")
+            for h in p.hosts
+        ]  # fmt: skip
+        lines += _table(rows)
     return lines
 
 

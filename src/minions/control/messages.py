@@ -45,6 +45,18 @@ class WorkerRow(msgspec.Struct, frozen=True):
     rss_bytes: int
     calls_served: int
     in_flight: int
+    host: str = ""  # the worker host it runs on; "" for a local worker
+
+
+class HostRow(msgspec.Struct, frozen=True):
+    """A worker host connected to a listening pool."""
+
+    name: str
+    pid: int
+    hostname: str
+    workers: int
+    silent_s: float
+    connected_s: float
 
 
 class PoolRow(msgspec.Struct, frozen=True):
@@ -56,6 +68,9 @@ class PoolRow(msgspec.Struct, frozen=True):
     in_flight: int
     restarts: int
     workers: tuple[WorkerRow, ...] = ()
+    listen: str = ""
+    hosts: tuple[HostRow, ...] = ()
+    hosts_lost: int = 0
 
 
 class Status(msgspec.Struct, frozen=True, tag="status"):

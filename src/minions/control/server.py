@@ -176,8 +176,21 @@ def pool_row(pool: WorkerPool) -> m.PoolRow:
         restarts=snap.restarts,
         workers=tuple(
             m.WorkerRow(
-                w.worker_id, w.pid, w.role, w.phase, w.rss_bytes, w.calls_served, w.in_flight
+                w.worker_id,
+                w.pid,
+                w.role,
+                w.phase,
+                w.rss_bytes,
+                w.calls_served,
+                w.in_flight,
+                w.host,
             )
             for w in snap.workers
         ),
+        listen=snap.listen,
+        hosts=tuple(
+            m.HostRow(h.name, h.pid, h.hostname, h.workers, h.silent_s, h.connected_s)
+            for h in snap.hosts
+        ),
+        hosts_lost=snap.hosts_lost,
     )
