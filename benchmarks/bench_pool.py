@@ -1,10 +1,12 @@
 """Worker-pool overhead from asyncio: Minions vs the raw ZeroMQ floor and the usual executors.
 
-Run: ``.venv/bin/python benchmarks/bench_pool.py [--quick] [--only floor,ppe,loky,pebble,minions]``
+Run: ``.venv/bin/python benchmarks/bench_pool.py [--quick] [--only floor,minions,remote,...]``
 
 All contenders run in ONE process and are measured in interleaved rounds (the order rotates every
 round), so machine noise lands on all of them alike. Each does the same work per call: one
 ``native_demo._native.ping`` in a child process. See README.md for what each column means. The
+``remote`` row is the same pool with its workers on a ``minions worker-host`` process over
+loopback tcp with CURVE (``remote_host.py``), compared with the local ipc pool of the same run. The
 map table compares ``pool.map`` with ``ProcessPoolExecutor.map(chunksize=...)`` the same way.
 """
 
@@ -25,6 +27,7 @@ from typing import Any
 
 import bench_tasks
 import contenders as cs
+from remote_host import RemoteHostPool
 
 IN_FLIGHT = 64
 STEP_TIMEOUT_S = 60.0  # a hung contender fails the run instead of hanging it
@@ -50,6 +53,12 @@ QUICK = Plan(
     rounds=3, latency_calls=150, calls_per_lane=12, crash_reps=2, settle_s=0.3,
     map_rounds=2, map_items=3_000,
 )  # fmt: skip
+# name accepted by --only -> factory; table order. ``remote`` is the local ``minions`` pool's
+# worker count on a worker host over tcp (remote_host.py).
+CONTENDERS: dict[str, Callable[[], cs.Contender]] = {
+    **cs.LATENCY_CONTENDERS,
+    "remote": RemoteHostPool,
+}
 PPE_CHUNKSIZES = (1, 16, 256)
 MINIONS_WINDOWS = (None, 16, 256)  # max_in_flight; None: the default, 2 * workers * pipeline_depth
 
@@ -299,7 +308,7 @@ def print_table(samples: dict[str, Samples], plan: Plan) -> None:
             f"{cpu[n]:>8.1f}{ratio(cpu[n], cpu.get(floor)):>8}"
         )
     for n in samples:
-        if not n.startswith("minions"):
+        if not n.startswith("minions") or n == RemoteHostPool.name:
             continue
         print(f"\ntargets for {n} ({TARGETS}):")
         if floor in lat:
@@ -312,6 +321,23 @@ def print_table(samples: dict[str, Samples], plan: Plan) -> None:
         if ppe in tput:
             r = tput[n] / tput[ppe]
             print(f"  throughput {r:5.2f}x PPE    (target >= 3.00x)  {verdict(r >= 3)}")
+    print_remote_ratios(lat, tput)
+
+
+def print_remote_ratios(lat: dict[str, float], tput: dict[str, float]) -> None:
+    """The remote-host row against the local ipc pool of the same run (issue #11), and the floor."""
+    remote, local, floor = RemoteHostPool.name, "minions", cs.Floor.name
+    if remote not in lat or local not in lat:
+        return
+    print(
+        f"\n{remote}: the {local} pool's worker count on one worker-host process, loopback "
+        "tcp + CURVE, against the local ipc pool"
+    )
+    for what, values, better in (("latency", lat, "lower"), ("throughput", tput, "higher")):
+        line = f"  {what:<10} {values[remote] / values[local]:5.2f}x {local}"
+        if floor in values:
+            line += f"  {values[remote] / values[floor]:5.2f}x floor"
+        print(f"{line}  ({better} is better)")
 
 
 def print_crash_table(results: list[CrashSamples], plan: Plan) -> None:
@@ -342,16 +368,16 @@ async def start_all(names: list[str]) -> list[cs.Contender]:
     The fork-based executors are started first, before any ZeroMQ or loky thread exists.
     """
     started: dict[str, cs.Contender] = {}
-    for name in sorted(names, key=["ppe", "pebble", "loky", "floor", "minions"].index):
+    for name in sorted(names, key=["ppe", "pebble", "loky", "floor", "minions", "remote"].index):
         try:
-            c = cs.LATENCY_CONTENDERS[name]()
+            c = CONTENDERS[name]()
             await asyncio.wait_for(c.start(), STEP_TIMEOUT_S)
         except Exception as exc:
             print(f"skipped {name}: failed to start ({type(exc).__name__}: {exc})")
             continue
         started[name] = c
         progress(f"started {c.name}")
-    return [started[n] for n in cs.LATENCY_CONTENDERS if n in started]  # table order
+    return [started[n] for n in CONTENDERS if n in started]  # table order
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -359,19 +385,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer rounds: under 30 s")
     parser.add_argument(
         "--only",
-        default=",".join(cs.LATENCY_CONTENDERS),
-        help=f"comma-separated subset of: {', '.join(cs.LATENCY_CONTENDERS)} (default: all)",
+        default=",".join(CONTENDERS),
+        help=f"comma-separated subset of: {', '.join(CONTENDERS)} (default: all)",
     )
     parser.add_argument("--rounds", type=int, help="override the number of interleaved rounds")
     parser.add_argument("--no-crash", action="store_true", help="skip the crash-recovery table")
     parser.add_argument("--no-map", action="store_true", help="skip the map throughput table")
     args = parser.parse_args(argv)
     args.only = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = set(args.only) - set(cs.LATENCY_CONTENDERS)
+    unknown = set(args.only) - set(CONTENDERS)
     if unknown:
-        parser.error(
-            f"unknown contender(s) {sorted(unknown)}; pick from {list(cs.LATENCY_CONTENDERS)}"
-        )
+        parser.error(f"unknown contender(s) {sorted(unknown)}; pick from {list(CONTENDERS)}")
     return args
 
 
@@ -380,9 +404,10 @@ async def amain(args: argparse.Namespace) -> None:
     if args.rounds:
         plan = dataclasses.replace(plan, rounds=args.rounds)
     names = list(args.only)
-    if "minions" in names and (why := cs.minions_unavailable()):
-        print(f"skipped minions: {why}")
-        names.remove("minions")
+    if why := cs.minions_unavailable():
+        for name in [n for n in ("minions", "remote") if n in names]:
+            print(f"skipped {name}: {why}")
+            names.remove(name)
     print(
         f"python {platform.python_version()}, {os.cpu_count()} CPUs, "
         f"{'quick' if args.quick else 'full'} run, contenders: {', '.join(names)}"
