@@ -5,6 +5,7 @@ host's)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 import zmq
 import zmq.auth
@@ -114,6 +116,13 @@ def status_of(pool: RemotePool) -> cm.Status:
     return cm.Status(*head, orchestrations=(), pools=(pool_row(pool),))
 
 
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def errors(pool: str) -> dict[str, float]:
     return {
         s.labels["kind"]: s.value
@@ -159,9 +168,15 @@ def test_one_local_worker_and_two_hosts_serve_mixed_calls(site: Site) -> None:
     run(scenario())
 
 
-def test_sigkill_of_a_host_mid_load_ends_its_calls_and_the_rest_carry_on(site: Site) -> None:
+def test_sigkill_of_a_host_mid_load_ends_its_calls_and_the_rest_carry_on(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A killed host's connection closes, and the pool notices that at once: with a 30 s
+    host_timeout_s the test (bounded at 25 s) passes only if the closed connection, not the
+    silence, ended the host's calls."""
+
     async def scenario() -> None:
-        async with site.pool(name="killed", workers=1) as pool:
+        async with site.pool(name="killed", workers=1, host_timeout_s=30.0) as pool:
             address = pool.snapshot().listen
             alpha = site.host(address, "alpha")
             site.host(address, "beta")
@@ -170,7 +185,10 @@ def test_sigkill_of_a_host_mid_load_ends_its_calls_and_the_rest_carry_on(site: S
             await eventually(lambda: any(w.in_flight for w in host_rows(pool, "alpha")))
             alpha_pids = {w.pid for w in host_rows(pool, "alpha")}
             os.killpg(alpha.pid, signal.SIGKILL)
-            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            with caplog.at_level(logging.WARNING, logger="minions.pool"):
+                outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            why = [r.getMessage() for r in caplog.records if "lost worker host" in r.getMessage()]
+            assert len(why) == 1 and "its connection closed" in why[0], why
             lost = [o for o in outcomes if isinstance(o, WorkerCrashed)]
             assert lost, "no call was running on the killed host"
             assert all(e.cause == "host_lost" and e.host == "alpha" for e in lost), lost
@@ -181,7 +199,7 @@ def test_sigkill_of_a_host_mid_load_ends_its_calls_and_the_rest_carry_on(site: S
             assert [h.name for h in pool.snapshot().hosts] == ["beta"]
             assert isinstance(await pool.call(Remote.pid_after, 0.0), int)
 
-    run(scenario())
+    run(scenario(), timeout=25)
 
 
 def test_a_lost_host_call_is_retried_elsewhere_under_retries_on_crash(site: Site) -> None:
@@ -230,7 +248,8 @@ def test_a_partitioned_host_is_lost_its_late_answers_dropped_and_it_rejoins(site
             await eventually(lambda: errors("partition").get("stale", 0) > stale_before)
             await wait_hosts(pool, alpha=2)  # a new session, re-authenticated
             new_pids = {w.pid for w in host_rows(pool, "alpha")}
-            assert not new_pids & old_pids  # its old workers ended with the old session
+            assert not new_pids & old_pids
+            await eventually(lambda: not any(alive(pid) for pid in old_pids))  # ended with it
             assert all(not c.exception() for c in calls)
             assert await pool.call(Remote.ping, 7) == 7
 

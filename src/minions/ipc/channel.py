@@ -71,8 +71,9 @@ class RouterChannel:
     Must be used from the thread running the event loop.
 
     With ``secure`` the socket is a CURVE server: :meth:`peer_name` tells the name a
-    connection authenticated as, and a failed handshake is counted as ``on_bad("auth")`` or
-    ``on_bad("handshake")``.
+    connection authenticated as, a failed handshake is counted as ``on_bad("auth")`` or
+    ``on_bad("handshake")``, and ``on_disconnect()`` runs when some peer's connection closed
+    (the monitor does not say whose: with ``ROUTER_MANDATORY`` a send to it now fails).
     """
 
     def __init__(
@@ -82,9 +83,11 @@ class RouterChannel:
         on_bad: Callable[[str], None],
         on_drained: Callable[[], None],
         secure: Secure | None = None,
+        on_disconnect: Callable[[], None] | None = None,
     ) -> None:
         self.address = address
         self._secure = secure
+        self._on_disconnect = on_disconnect
         self._names: dict[bytes, str] | None = {} if secure is not None else None
         self._stop_auth: Callable[[], None] | None = None
         self._monitor: zmq.Socket[bytes] | None = None
@@ -110,7 +113,8 @@ class RouterChannel:
         if self._secure is not None:
             self._stop_auth = self._secure(self._ctx, sock)
             sock.setsockopt(zmq.HANDSHAKE_IVL, _HANDSHAKE_MS)  # a mute peer is dropped too
-            self._monitor = sock.get_monitor_socket(sum(_HANDSHAKE_FAILURES))
+            events = sum(_HANDSHAKE_FAILURES) | int(zmq.EVENT_DISCONNECTED)
+            self._monitor = sock.get_monitor_socket(events)
             self._monitor_fd = int(self._monitor.getsockopt(zmq.FD))
             self._loop.add_reader(self._monitor_fd, self._read_monitor)
             self._loop.call_soon(self._read_monitor)  # read it empty once: that arms its edge
@@ -147,6 +151,10 @@ class RouterChannel:
                 return
             except zmq.ZMQError:
                 return
+            if int(event["event"]) == zmq.EVENT_DISCONNECTED:
+                if self._on_disconnect is not None:  # which peer is not said: the owner probes
+                    self._on_disconnect()
+                continue
             kind = _HANDSHAKE_FAILURES.get(int(event["event"]))
             if kind is not None:
                 self._on_bad(kind)

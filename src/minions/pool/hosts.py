@@ -328,6 +328,14 @@ class Hosts:
             if now - at > 60:
                 del self._refused_at[rid]
 
+    def probe(self) -> None:
+        """Some host's connection closed (the channel cannot say whose): beat to every host now,
+        and the one whose connection is gone refuses the send. A killed host is lost at once
+        instead of after ``host_timeout_s``."""
+        for session in list(self._sessions.values()):
+            if not self._send_raw(session.rid, self._beat):
+                self.lose(session, "its connection closed")
+
     def lose(self, session: HostSession, why: str) -> None:
         """The host is gone: every worker of it dies with ``HOST_LOST``."""
         if self._sessions.pop(session.rid, None) is None:

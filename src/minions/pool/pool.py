@@ -211,7 +211,7 @@ class WorkerPool(Calling[S], Resource):
             raise PoolUnavailable(self.name, why) from None
         self._tcp = RouterChannel(
             self.config.listen, self._on_host_frames, self._count_bad_frame, self.changed,
-            secure=keys.configure,
+            secure=keys.configure, on_disconnect=self._hosts.probe,
         )  # fmt: skip
         self._tcp.open()
         self._hosts.begin(self._tcp, tuple(self._specs))
