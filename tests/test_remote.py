@@ -410,3 +410,52 @@ def test_remote_workers_time_out_recycle_and_quarantine_like_local_ones(site: Si
             assert await pool.call(Remote.ping, 9) == 9
 
     run(scenario())
+
+
+def test_sigterm_stops_a_host_cleanly_and_fails_no_call(site: Site) -> None:
+    """A host stopping (systemctl stop) stops its workers politely (each finishes what it was
+    sent), exits 0 and leaves no worker behind; a call cut short would be retried."""
+
+    async def scenario() -> None:
+        async with site.pool(name="sigterm", workers=1, retries_on_crash=1) as pool:
+            alpha = site.host(pool.snapshot().listen, "alpha", workers=1)
+            await wait_hosts(pool, alpha=1)
+            pids = {w.pid for w in host_rows(pool, "alpha")}
+            calls = [asyncio.create_task(pool.call(Remote.pid_after, 0.2)) for _ in range(6)]
+            await eventually(lambda: any(w.in_flight for w in host_rows(pool, "alpha")))
+            alpha.send_signal(signal.SIGTERM)
+            assert all(isinstance(pid, int) for pid in await asyncio.gather(*calls))
+            assert await asyncio.to_thread(alpha.wait, 20) == 0
+            assert not any(alive(pid) for pid in pids)
+            await eventually(lambda: not pool.snapshot().hosts)
+            assert pool.snapshot().hosts_lost == 0  # it said goodbye: a clean end, not a loss
+
+    run(scenario())
+
+
+def test_worker_host_refuses_bad_keys_and_arguments_with_exit_2(site: Site) -> None:
+    base = [sys.executable, "-m", "minions", "worker-host", "--service", "remote_services:Remote"]
+    cases = [
+        (["--connect", "tcp://127.0.0.1:1", "--key", str(site.root / "pool" / "pool.key"),
+          "--server-key", str(site.root / "pool" / "pool.key")], "holds no secret key"),
+        (["--connect", "tcp://127.0.0.1:1", "--key", str(site.root / "nope.key_secret"),
+          "--server-key", str(site.root / "pool" / "pool.key")], "cannot read the secret key"),
+        (["--connect", "ipc:///tmp/x", "--key", str(site.root / "secrets" / "alpha.key_secret"),
+          "--server-key", str(site.root / "pool" / "pool.key")], "tcp:// addresses"),
+    ]  # fmt: skip
+    for args, why in cases:
+        done = subprocess.run([*base, *args], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2 and why in done.stderr, (args, done.stderr)
+
+
+def test_keys_generate_writes_zeromq_certificates_and_never_overwrites(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "minions", "keys", "generate", "edge-1", "--dir", str(tmp_path)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    public, secret = zmq.auth.load_certificate(str(tmp_path / "edge-1.key_secret"))
+    assert zmq.auth.load_certificate(str(tmp_path / "edge-1.key")) == (public, None)
+    assert len(public) == len(secret) == 40  # z85 of 32-byte CURVE keys
+    assert (tmp_path / "edge-1.key_secret").stat().st_mode & 0o077 == 0
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert again.returncode == 2 and "exists" in again.stderr
+    assert zmq.auth.load_certificate(str(tmp_path / "edge-1.key_secret")) == (public, secret)

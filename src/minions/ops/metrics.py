@@ -150,7 +150,8 @@ HOST_WORKERS = Gauge(
 )
 HOSTS_LOST = Counter(
     "minions_hosts_lost",
-    "Worker host sessions that ended because the host went silent or its connection closed.",
+    "Worker host sessions that ended because the host went silent or its connection closed "
+    "(a host that stops cleanly says goodbye and is not counted).",
     ["pool", "host"],
     registry=REGISTRY,
 )

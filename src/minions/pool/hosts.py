@@ -155,6 +155,8 @@ class Hosts:
                 self._on_worker_leaving(session, msg)
             case wire.WorkerDown():
                 self._on_worker_down(session, msg)
+            case wire.HostBye():
+                self._end(session, f"it left: {msg.reason}", lost=False)
             case wire.Beat():
                 pass
 
@@ -234,16 +236,23 @@ class Hosts:
         except ValueError:
             self._count("protocol")
             cause = DeathCause.EXIT
+        if cause is DeathCause.STOPPED:  # the host is stopping: for our calls, the host is gone
+            verdict = Verdict(DeathCause.HOST_LOST, down.returncode, down.stack)
+            self._bury(worker, verdict, down.running_call, crash=False)
+            return
         self._bury(worker, Verdict(cause, down.returncode, down.stack), down.running_call)
 
-    def _bury(self, worker: RemoteWorker, verdict: Verdict, running: int | None) -> None:
-        """One Death for a remote worker; the Dispatcher settles what it owed."""
+    def _bury(
+        self, worker: RemoteWorker, verdict: Verdict, running: int | None, crash: bool = True
+    ) -> None:
+        """One Death for a remote worker; the Dispatcher settles what it owed. ``crash``:
+        count it as one, unless the verdict is planned (or its host stopped it)."""
         worker.phase = Phase.DEAD
         session = worker.session
         self._events.worker_died(Death(worker.ref, verdict, running))
         session.workers.pop(worker.local, None)
         self._remote.pop(worker.identity, None)
-        if not verdict.cause.planned:
+        if crash and not verdict.cause.planned:
             metrics.WORKER_CRASHES.labels(self.pool_name, verdict.label).inc()
             if verdict.cause is not DeathCause.HOST_LOST:
                 log.warning(
@@ -338,16 +347,23 @@ class Hosts:
 
     def lose(self, session: HostSession, why: str) -> None:
         """The host is gone: every worker of it dies with ``HOST_LOST``."""
+        self._end(session, why, lost=True)
+
+    def _end(self, session: HostSession, why: str, lost: bool) -> None:
         if self._sessions.pop(session.rid, None) is None:
             return
-        self.lost += 1
         owed = len(session.workers)
-        log.warning(
-            "pool %s: lost worker host %r (pid %d on %s): %s; its %d workers end, and what they "
-            "owed fails with WorkerCrashed (host_lost) or is retried under retries_on_crash",
-            self.pool_name, session.name, session.pid, session.hostname or "?", why, owed,
-        )  # fmt: skip
-        metrics.HOSTS_LOST.labels(self.pool_name, session.name).inc()
+        if lost:
+            self.lost += 1
+            metrics.HOSTS_LOST.labels(self.pool_name, session.name).inc()
+            log.warning(
+                "pool %s: lost worker host %r (pid %d on %s): %s; its %d workers end, and what "
+                "they owed fails with WorkerCrashed (host_lost) or is retried under "
+                "retries_on_crash",
+                self.pool_name, session.name, session.pid, session.hostname or "?", why, owed,
+            )  # fmt: skip
+        else:
+            log.info("pool %s: worker host %r left (%s)", self.pool_name, session.name, why)
         metrics.HOST_UP.labels(self.pool_name, session.name).set(0)
         for worker in list(session.workers.values()):
             self._bury(worker, Verdict(DeathCause.HOST_LOST, 0), None)
@@ -370,7 +386,7 @@ class Hosts:
         for session in list(self._sessions.values()):
             self._send_control(session.rid, wire.Refused("the pool shut down", rejoin=True))
             for worker in list(session.workers.values()):
-                self._bury(worker, Verdict(DeathCause.STOPPED, 0), None)
+                self._bury(worker, Verdict(DeathCause.STOPPED, 0), None, crash=False)
             metrics.HOST_UP.labels(self.pool_name, session.name).set(0)
         self._sessions.clear()
 

@@ -26,7 +26,7 @@ class DeathCause(enum.Enum):
     RECYCLED = "recycled"  # the pool retired it (max calls, RSS, memory pressure)
     STOPPED = "stopped"  # pool shutdown
     CANCELLED = "cancelled"  # the pool killed it: the caller of a cancel="kill" call gave up
-    HOST_LOST = "host_lost"  # a remote worker whose host went silent (killed, gone, partitioned)
+    HOST_LOST = "host_lost"  # a remote worker whose host went away (stopped, killed, partitioned)
 
     @property
     def blames_head(self) -> bool:
@@ -81,7 +81,7 @@ class Verdict:
             DeathCause.RECYCLED: "recycled by the pool",
             DeathCause.STOPPED: "stopped by the pool",
             DeathCause.CANCELLED: "killed by the pool: its caller cancelled a cancel='kill' call",
-            DeathCause.HOST_LOST: "its worker host went silent (killed, gone, or cut off by the "
+            DeathCause.HOST_LOST: "its worker host went away (stopped, killed, or cut off by the "
             "network); the call may have run",
         }[self.cause]
 

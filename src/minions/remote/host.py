@@ -50,6 +50,7 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
 _STOP_S = 5.0  # a session's workers get this long to stop (polite, SIGTERM, SIGKILL)
+_BYE_LINGER_MS = 1000  # how long a goodbye may wait for the pool's socket
 _REJOIN_MIN_S, _REJOIN_MAX_S = 0.2, 5.0  # between sessions: doubling while refused
 
 
@@ -125,13 +126,18 @@ class Session:
             self.ended.set()
 
     async def close(self) -> None:
-        """Stop this session's workers, then its sockets."""
+        """Stop this session's workers, then its sockets; a host that stops says goodbye (given
+        a moment to reach a live pool), one whose session the pool ended does not."""
+        linger = 0
         if self._welcomed:
             await self._sup.stop_all(time.monotonic() + _STOP_S, self._wait_until)
+            if not self.ended.is_set():
+                self._control(wire.HostBye("the worker host is stopping"))
+                linger = _BYE_LINGER_MS
         if self._fd >= 0:
             self._loop.remove_reader(self._fd)
             self._fd = -1
-        self._link.close(linger=0)
+        self._link.close(linger=linger)
         self._ctx.term()
         self._local.close()
         self._endpoint.remove()

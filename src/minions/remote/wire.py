@@ -60,6 +60,12 @@ class WorkerDown(msgspec.Struct, frozen=True, tag="worker-down", array_like=True
     running_call: int | None = None
 
 
+class HostBye(msgspec.Struct, frozen=True, tag="host-bye", array_like=True):
+    """The host is stopping (SIGTERM) and its workers have ended: a clean end, not a loss."""
+
+    reason: str = ""
+
+
 class Beat(msgspec.Struct, frozen=True, tag="beat", array_like=True):
     """Either side is alive; sent every ``host_timeout_s / 4``."""
 
@@ -101,7 +107,7 @@ class Drained(msgspec.Struct, frozen=True, tag="drained", array_like=True):
     worker: bytes
 
 
-HostMessage = HostHello | WorkerUp | WorkerLeaving | WorkerDown | Beat
+HostMessage = HostHello | WorkerUp | WorkerLeaving | WorkerDown | HostBye | Beat
 PoolMessage = Welcome | Refused | Kill | Retire | Drained | Beat
 
 encoder = msgspec.msgpack.Encoder()
