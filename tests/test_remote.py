@@ -459,3 +459,25 @@ def test_keys_generate_writes_zeromq_certificates_and_never_overwrites(tmp_path:
     again = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     assert again.returncode == 2 and "exists" in again.stderr
     assert zmq.auth.load_certificate(str(tmp_path / "edge-1.key_secret")) == (public, secret)
+
+
+def test_a_host_rejoins_a_pool_that_restarted_on_the_same_address(site: Site) -> None:
+    """Gru restarts (a deploy, a crash): the host's session with the old pool ends, and it
+    joins the new one on the same address with fresh workers, without being restarted."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+
+    async def scenario() -> None:
+        async with site.pool(name="before", listen=address) as pool:
+            site.host(address, "alpha", workers=1)
+            await wait_hosts(pool, alpha=1)
+            first = host_rows(pool, "alpha")[0].pid
+        async with site.pool(name="after", listen=address) as pool:
+            await wait_hosts(pool, alpha=1)
+            assert host_rows(pool, "alpha")[0].pid != first
+            assert await pool.call(Remote.ping, 5) == 5
+        assert site.hosts[0].poll() is None  # the same host process all along
+
+    run(scenario())
