@@ -404,8 +404,9 @@ async def amain(args: argparse.Namespace) -> None:
     if args.rounds:
         plan = dataclasses.replace(plan, rounds=args.rounds)
     names = list(args.only)
-    if why := cs.minions_unavailable():
-        for name in [n for n in ("minions", "remote") if n in names]:
+    pools = [n for n in ("minions", "remote") if n in names]
+    if pools and (why := cs.minions_unavailable()):
+        for name in pools:
             print(f"skipped {name}: {why}")
             names.remove(name)
     print(

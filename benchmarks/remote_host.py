@@ -110,7 +110,7 @@ class RemoteHostPool:
         return await self._pool.call("ping", x)
 
     async def close(self) -> None:
-        """Stop the host (SIGTERM, then SIGKILL), then the pool, then remove the keys."""
+        """Stop the host, then the pool, then remove the keys: each even if the last failed."""
         host, self._host = self._host, None
         try:
             if host is not None:
@@ -127,16 +127,16 @@ class RemoteHostPool:
 
 
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """The host and its workers share a session: SIGTERM the group (the host stops its workers
-    politely), then SIGKILL whatever is left of it."""
+    """SIGTERM the host alone, so it stops its workers itself and tells the pool; then SIGKILL
+    whatever is left of its session (the host and its workers share one process group)."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.terminate()
         try:
             proc.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             pass
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # workers that outlived their host, if any
+        os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait()
