@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from minions.remote.host import _STOP_S as HOST_STOP_S
 from minions.runtime.config import GruConfig
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SERVICE = DEPLOY / "minions.service"
 TEMPLATE = DEPLOY / "minions@.service"
 ENV_EXAMPLE = DEPLOY / "minions.env.example"
+WORKER_HOST = DEPLOY / "minions-worker-host.service"
+HOST_ENV_EXAMPLE = DEPLOY / "minions-worker-host.env.example"
 
 # Shutdown budget: Gru's grace for in-flight steps, then each pool's polite stop of its workers
 # (shutdown grace, then SIGTERM, then SIGKILL). The unit must allow more before its SIGKILL.
@@ -83,6 +86,12 @@ def unit_path(request: pytest.FixtureRequest) -> Path:
     return request.param
 
 
+@pytest.fixture(params=[SERVICE, TEMPLATE, WORKER_HOST], ids=lambda p: p.name)
+def any_unit(request: pytest.FixtureRequest) -> Path:
+    """Every shipped unit, the worker host's included (``unit_path``: Gru's units only)."""
+    return request.param
+
+
 # --- systemd's own verdict --------------------------------------------------------------------
 
 
@@ -99,18 +108,18 @@ def verify(exe: str, directory: Path, name: str) -> subprocess.CompletedProcess[
     )
 
 
-def test_systemd_analyze_verify(unit_path: Path, tmp_path: Path) -> None:
+def test_systemd_analyze_verify(any_unit: Path, tmp_path: Path) -> None:
     exe = _systemd_analyze()
     (tmp_path / "control.service").write_text("[Service]\nExecStart=/bin/true\n")
     control = verify(exe, tmp_path, "control.service")
     if control.returncode != 0:
         pytest.skip(f"systemd-analyze verify cannot run here: {control.stderr.strip()}")
     # verify insists that ExecStart's binary exists; the venv of a real install does not here.
-    text = unit_path.read_text()
-    assert "ExecStart=/opt/minions/.venv/bin/minions run " in text
+    text = any_unit.read_text()
+    assert "ExecStart=/opt/minions/.venv/bin/minions " in text
     text = text.replace("ExecStart=/opt/minions/.venv/bin/minions", "ExecStart=/bin/true")
-    (tmp_path / unit_path.name).write_text(text)
-    name = "minions@8082.service" if unit_path == TEMPLATE else "minions.service"
+    (tmp_path / any_unit.name).write_text(text)
+    name = "minions@8082.service" if any_unit == TEMPLATE else any_unit.name
     result = verify(exe, tmp_path, name)
     # Unknown keys and bad values are only warnings (exit 0) to systemd, and silently ignored
     # at run time: any mention of our file on stderr is a failure.
@@ -173,8 +182,8 @@ def test_required_directives_and_relations(unit_path: Path) -> None:
     assert values(u, "Install", "WantedBy") == ["multi-user.target"]
 
 
-def test_no_value_carries_a_comment(unit_path: Path) -> None:
-    for section, pairs in parse_unit(unit_path).items():
+def test_no_value_carries_a_comment(any_unit: Path) -> None:
+    for section, pairs in parse_unit(any_unit).items():
         for key, value in pairs:
             assert "#" not in value, f"[{section}] {key}={value}: systemd reads the comment too"
 
@@ -216,3 +225,57 @@ def test_env_example_is_a_valid_environment_file() -> None:
     # Would override every replica's instance-derived values in minions@.service.
     assert "MINIONS_METRICS_PORT" not in active and "MINIONS_SHARD" not in active
     assert active["MINIONS_METRICS_HOST"] == "127.0.0.1"
+
+
+# --- the worker host's unit -------------------------------------------------------------------
+
+HARDENING = (
+    "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices",
+    "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups",
+    "ProtectClock", "ProtectHostname", "ProtectProc", "RestrictAddressFamilies",
+    "RestrictNamespaces", "RestrictRealtime", "RestrictSUIDSGID", "LockPersonality", "RemoveIPC",
+    "CapabilityBoundingSet", "SystemCallArchitectures", "SystemCallFilter",
+    "SystemCallErrorNumber", "LimitCORE", "DynamicUser", "User", "Group", "UMask",
+    "NotifyAccess", "KillMode", "KillSignal", "MemoryAccounting", "MemorySwapMax", "OOMPolicy",
+    "RestartPreventExitStatus", "StandardOutput", "StandardError",
+)  # fmt: skip
+
+
+def test_worker_host_unit_keeps_gru_s_hardening_and_fits_the_host() -> None:
+    u, gru = parse_unit(WORKER_HOST), parse_unit(SERVICE)
+    for key in HARDENING:
+        assert values(u, "Service", key) == values(gru, "Service", key), key
+    assert one(u, "Type") == "notify"
+    command = one(u, "ExecStart")
+    assert command.startswith("/opt/minions/.venv/bin/minions worker-host ")
+    # The keys are credentials (%d is their directory): each one the command names is loaded.
+    loaded = {v.partition(":")[0] for v in values(u, "Service", "LoadCredential")}
+    named = set(re.findall(r"--(?:key|server-key) %d/(\S+)", command))
+    assert named == loaded == {"host.key_secret", "pool.key"}
+    # It never ends by itself; exit code 2 (configuration) must not loop.
+    assert one(u, "Restart") == "always" and one(u, "RestartPreventExitStatus") == "2"
+    assert values(u, "Service", "WatchdogSec") == [], "the host sends no WATCHDOG=1"
+    # Each session's workers get HOST_STOP_S, whose escalation waits can take about twice that.
+    assert seconds(one(u, "TimeoutStopSec")) > 2 * HOST_STOP_S
+    assert size(one(u, "MemoryHigh")) < size(one(u, "MemoryMax"))
+    runtime = one(u, "RuntimeDirectory")
+    assert runtime != one(gru, "RuntimeDirectory"), "minions.service removes its own at stop"
+    assert environment(u)["XDG_RUNTIME_DIR"] == f"%t/{runtime}"
+    assert values(u, "Service", "StateDirectory") == []
+    assert values(u, "Install", "WantedBy") == ["multi-user.target"]
+
+
+def test_worker_host_env_example_sets_what_the_command_reads() -> None:
+    active = {}
+    for raw in HOST_ENV_EXAMPLE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        assert re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", line), f"not KEY=VALUE: {raw!r}"
+        key, _, value = line.partition("=")
+        active[key] = value
+    read = set(re.findall(r"\$\{?(MINIONS_\w+)", one(parse_unit(WORKER_HOST), "ExecStart")))
+    assert read == {"MINIONS_HOST_CONNECT", "MINIONS_HOST_SERVICE", "MINIONS_HOST_OPTIONS"}
+    assert read <= active.keys()
+    assert active["MINIONS_HOST_CONNECT"].startswith("tcp://")
+    assert active["MINIONS_HOST_SERVICE"].count(":") == 1

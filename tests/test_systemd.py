@@ -4,8 +4,9 @@
 reaches it; the test builds a venv of the project from ``/usr/bin/python3`` (``ProtectHome=``
 hides a pyenv interpreter under ``/root``), binds it at the unit's ``/opt/minions/.venv``,
 installs ``deploy/minions.service`` and ``deploy/minions@.service`` with only ``ExecStart``'s
-target changed, and lets ``apps/systemd_driver.py`` act inside as an operator and the kernel
-would. The driver writes what it saw to ``facts.json``; the assertions are all here.
+target changed (``deploy/minions-worker-host.service`` as it is), and lets
+``apps/systemd_driver.py`` act inside as an operator and the kernel would. The driver writes
+what it saw to ``facts.json``; the assertions are all here.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from test_deploy import SERVICE, one, parse_unit, seconds
+from test_deploy import SERVICE, WORKER_HOST, one, parse_unit, seconds
 
 REPO = Path(__file__).resolve().parent.parent
 APPS = REPO / "tests" / "apps"
@@ -104,13 +105,13 @@ def facts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     cache = REPO / ".venv" if (REPO / ".venv").is_dir() else tmp_path_factory.mktemp("cache")
     venv = unit_venv(cache)
     work = tmp_path_factory.mktemp("systemd")
-    for unit in ("minions.service", "minions@.service"):
+    for unit in ("minions.service", "minions@.service", "minions-worker-host.service"):
         shutil.copy(REPO / "deploy" / unit, work / unit)
     for app in ("systemd_app.py", "systemd_driver.py"):
         shutil.copy(APPS / app, work / app)
     for d in (work, venv):
         d.chmod(0o755)  # the unit's dynamic user reads the app and the venv
-    ports = [str(p) for p in free_ports(2)]
+    ports = [str(p) for p in free_ports(3)]  # two replicas', and the worker host's absent pool
     cmd = [str(tool), f"--bind={work}:{INSIDE_WORK}", f"--bind={venv}:{INSIDE_VENV}",
            "--timeout", "200", "--", str(SYSTEM_PYTHON), f"{INSIDE_WORK}/systemd_driver.py",
            INSIDE_WORK, INSIDE_VENV, *ports]  # fmt: skip
@@ -120,7 +121,7 @@ def facts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     assert done.returncode == 0, f"sandbox failed ({done.returncode}):\n{done.stderr[-3000:]}"
     found = json.loads((work / "facts.json").read_text())
     assert "error" not in found, f"{found['error']}\n{found.get('journal_tail', '')[-4000:]}"
-    found["ports"] = ports
+    found["ports"] = ports[:2]
     print(f"systemd: {found['seconds']:.1f}s inside the sandbox; start {found['start_s'][0]:.2f}s,"
           f" stop {found['stop']['seconds']:.2f}s, kill -9 to new Gru "
           f"{found['kill9']['restarted_after_s']:.2f}s, SIGSTOP to watchdog restart "
@@ -195,3 +196,20 @@ def test_two_template_instances_keep_their_own_state_and_ports(facts: dict[str, 
         assert s["scrape_has_pool"]
         assert s["cgroup_bytes"] > 0, "the cgroup's memory is read under systemd (v1 or v2)"
     assert facts["instances_after_stop"] == ["inactive", "inactive"]
+
+
+def test_a_worker_host_is_active_while_its_pool_is_down_and_stops_cleanly(
+    facts: dict[str, Any],
+) -> None:
+    host = facts["worker_host"]
+    assert host["start_rc"] == 0, host.get("journal", "")
+    # READY=1 came with nothing listening, and a session that timed out changed nothing.
+    assert host["active"] == "active" and host["restarts"] == "0", host["journal"][-3000:]
+    assert "the pool has not answered the hello" in host["journal"], host["journal"][-3000:]
+    assert host["status"].endswith(": connecting"), host["status"]
+    assert host["dialled"], "the unit's hardening let it connect out over tcp"
+    stop = host["stop"]
+    budget = seconds(one(parse_unit(WORKER_HOST), "TimeoutStopSec"))
+    assert stop["rc"] == 0 and stop["seconds"] < budget, stop
+    assert (stop["result"], stop["exit_status"], stop["active"]) == ("success", "0", "inactive")
+    assert stop["pids_before"] and stop["alive_after"] == [] and stop["cgroup_after"] == []

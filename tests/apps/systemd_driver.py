@@ -5,7 +5,7 @@ the way an operator and the kernel would, and writes what it observed to ``facts
 bound directory; the test asserts on those facts. Every wait polls an observable fact (a unit
 property, a pid, the journal) against a deadline on the monotonic clock.
 
-    python3 systemd_driver.py WORKDIR VENV PORT_A PORT_B
+    python3 systemd_driver.py WORKDIR VENV PORT_A PORT_B HOST_PORT
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,8 @@ from typing import Any
 
 WORK, VENV = Path(sys.argv[1]), Path(sys.argv[2])
 PORTS = sys.argv[3:5]
+HOST_PORT = int(sys.argv[5])  # where the worker host's pool would listen: nothing does
+HOST_UNIT = "minions-worker-host.service"
 APP = f"{WORK}/systemd_app.py:main"
 MINIONS = f"{VENV}/bin/minions"
 FACTS: dict[str, Any] = {}
@@ -79,6 +82,8 @@ def install() -> None:
         text = (WORK / name).read_text()
         text = re.sub(r"^ExecStart=.*$", f"ExecStart={MINIONS} run {APP}", text, flags=re.M)
         Path("/etc/systemd/system", name).write_text(text)
+    # Exactly as shipped: its ExecStart is already the venv bound at /opt/minions/.venv.
+    Path("/etc/systemd/system", HOST_UNIT).write_text((WORK / HOST_UNIT).read_text())
     sh("systemctl", "daemon-reload", check=True)
 
 
@@ -194,6 +199,55 @@ def instances() -> None:
     FACTS["instances_after_stop"] = [prop(u, "ActiveState") for u in units]
 
 
+def worker_host() -> None:
+    """The worker-host unit with its pool not there: READY=1 all the same, active through
+    sessions that time out, dialling out under the unit's hardening, then a clean stop."""
+    keys = Path("/etc/minions/keys")
+    for name in ("host", "pool"):  # host.key_secret and pool.key are what the unit loads
+        sh(MINIONS, "keys", "generate", name, "--dir", str(keys), check=True)
+    keys.chmod(0o700)
+    Path("/etc/minions/worker-host.env").write_text(
+        f"MINIONS_HOST_CONNECT=tcp://127.0.0.1:{HOST_PORT}\n"
+        "MINIONS_HOST_SERVICE=native_demo.service:NativeDemo\n"
+        "MINIONS_HOST_OPTIONS=--workers 1\n"
+    )
+    seen: dict[str, Any] = {}
+    FACTS["worker_host"] = seen
+    began = time.monotonic()
+    done = sh("systemctl", "start", HOST_UNIT)
+    seen.update(start_rc=done.returncode, start_s=time.monotonic() - began)
+    if done.returncode != 0:
+        seen["journal"] = journal("-u", HOST_UNIT, "-n", "60")
+        return
+    ended = wait_for(
+        "the worker host to give up on its first session with the absent pool",
+        lambda: "session with pool" in (text := journal("-u", HOST_UNIT)) and text,
+        20,
+    )
+    seen["journal"] = ended
+    for key, name in (("active", "ActiveState"), ("restarts", "NRestarts")):
+        seen[key] = prop(HOST_UNIT, name)
+    seen["status"] = prop(HOST_UNIT, "StatusText")
+    with socket.create_server(("127.0.0.1", HOST_PORT)) as server:  # a stand-in for the pool
+        server.settimeout(15)
+        conn, _ = server.accept()
+        conn.close()
+    seen["dialled"] = True
+    pids = cgroup_pids(HOST_UNIT)
+    began = time.monotonic()
+    done = sh("systemctl", "stop", HOST_UNIT)
+    seen["stop"] = {
+        "rc": done.returncode,
+        "seconds": time.monotonic() - began,
+        "result": prop(HOST_UNIT, "Result"),
+        "exit_status": prop(HOST_UNIT, "ExecMainStatus"),
+        "active": prop(HOST_UNIT, "ActiveState"),
+        "pids_before": pids,
+        "alive_after": alive(pids),
+        "cgroup_after": cgroup_pids(HOST_UNIT),
+    }
+
+
 def _gauge(scrape: str, name: str) -> float:
     m = re.search(rf"^{name} (\S+)$", scrape, re.M)
     return float(m.group(1)) if m else -1.0
@@ -240,6 +294,7 @@ def main() -> int:
         ready_and_crash()
         before = watchdog_begin()
         instances()  # while the watchdog's 30 s run out
+        worker_host()
         watchdog_end(before)
         kill_9()
         stop()
