@@ -6,8 +6,11 @@ owns the worker processes (spawn, hello, death, restart intensity, circuit, recy
 quarantine, deadlines, settling a death). Neither reads the other's state: the front routes
 frames from the ROUTER channel to them and forwards their events (a worker became ready, is
 leaving, died; a call overran or was cancelled with ``cancel="kill"``, a lane drained), and it
-holds the lifecycle. The call API (typed ``call``, ``options``, ``map``) and its metrics live in
-:mod:`~minions.pool.calling` and :mod:`~minions.pool.mapping`. See
+holds the lifecycle. Workers on other machines belong to the
+:class:`~minions.pool.hosts.Hosts`, the Supervisor's counterpart that emits the same worker
+events from what worker hosts report; :class:`~minions.pool.replies.Replies` reads the frames of
+either kind of worker. The call API (typed ``call``, ``options``, ``map``) and its metrics live
+in :mod:`~minions.pool.calling` and :mod:`~minions.pool.mapping`. See
 ``docs/concepts/worker-pools.md`` ("How a call travels").
 """
 
@@ -19,16 +22,11 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar
 
-import msgspec
-
-from minions.errors import PoolUnavailable, ProtocolError, RemoteError
-from minions.ipc import messages as m
-from minions.ipc.arena import ArenaError, ParentArena
+from minions.errors import PoolUnavailable
 from minions.ipc.channel import RouterChannel
 from minions.ipc.endpoint import Endpoint
-from minions.ipc.payload import read_result
 from minions.ipc.service import MethodSpec, describe, load_service
 from minions.ops import metrics
 from minions.ops.levels import MemoryLevel
@@ -48,6 +46,7 @@ from minions.pool.events import Death, Settlement, WorkerRef
 from minions.pool.hosts import Hosts
 from minions.pool.pressure import MemoryPressure, throttle
 from minions.pool.process import Phase
+from minions.pool.replies import Replies
 from minions.pool.states import Circuit, PoolSnapshot, PoolState
 from minions.pool.supervisor import Supervisor
 from minions.pool.verdict import DeathCause
@@ -61,29 +60,6 @@ _TICK_S = 0.05
 _STOP_RESERVE_S = 7.0  # of a shutdown deadline, kept for stopping workers (3 escalation steps)
 
 CircuitListener = Callable[["WorkerPool", Circuit], None]
-
-
-class Peer(Protocol):
-    """What frame handling needs of a worker, local (a process) or remote (on a host)."""
-
-    @property
-    def identity(self) -> bytes: ...
-    @property
-    def worker_id(self) -> int: ...
-    @property
-    def said_hello(self) -> bool: ...
-    @property
-    def arena(self) -> ParentArena | None: ...
-
-
-W = TypeVar("W", bound=Peer, contravariant=True)
-
-
-class PeerOwner(Protocol[W]):
-    """The owner of a kind of worker: the Supervisor (local) or the Hosts (remote)."""
-
-    def on_hello(self, worker: W, hello: m.Hello) -> None: ...
-    def served(self, worker: W, answers: int) -> None: ...
 
 
 class WorkerPool(Calling[S], Resource):
@@ -131,9 +107,9 @@ class WorkerPool(Calling[S], Resource):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._specs: dict[str, MethodSpec] = {}
-        self._decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {}
         self._circuit_listeners: list[CircuitListener] = []
         self._dispatcher = Dispatcher(self.config, self.name, self._send, self)
+        self._replies = Replies(self.name, self._dispatcher, self._count_bad_frame)
         self._calls = CallFront(self.name, self._dispatcher, self._check_accepting)
         Calling.__init__(self, self._calls)
         worker_ids = itertools.count(1)  # one id space for local and remote workers
@@ -226,7 +202,7 @@ class WorkerPool(Calling[S], Resource):
             raise PoolUnavailable(
                 self.name, f"cannot load service {self.config.service!r}: {exc!r}"
             ) from exc
-        self._decoders = {n: msgspec.msgpack.Decoder(s.result_type) for n, s in self._specs.items()}
+        self._replies.bind(self._specs)
         assert self._loop is not None
         self._calls.bind(cls, self._specs, self.config, self._loop)
 
@@ -339,7 +315,7 @@ class WorkerPool(Calling[S], Resource):
         if worker is None:
             self._count_bad_frame("unauthenticated")
             return
-        self._handle(worker, payloads, self._supervisor)
+        self._replies.handle(worker, payloads, self._supervisor)
 
     def _on_host_frames(self, rid: bytes, payloads: list[bytes]) -> None:
         """A message of a worker host: control, or frames it relays from one of its workers."""
@@ -351,114 +327,7 @@ class WorkerPool(Calling[S], Resource):
             return
         worker = hosts.heard(rid, payloads[0])
         if worker is not None:
-            self._handle(worker, payloads[1:], hosts)
-
-    def _handle(self, worker: W, payloads: list[bytes], owner: PeerOwner[W]) -> None:
-        answered = 0
-        for payload in payloads:
-            try:
-                answered += self._on_message(worker, payload, owner)
-            except Exception:  # a bug here must not stop the drain of the other frames
-                log.exception(
-                    "pool %s: handling a frame of worker %d failed", self.name, worker.worker_id
-                )
-                self._count_bad_frame("handler")
-        if answered:
-            owner.served(worker, answered)
-
-    def _on_message(self, worker: W, payload: bytes, owner: PeerOwner[W]) -> int:
-        """Handle one frame; returns 1 if it answered a call."""
-        try:
-            msg = m.parent_decoder.decode(payload)
-        except Exception as exc:  # DecodeError, ValidationError, RecursionError (too deep)
-            return self._undecodable(worker, exc)
-        match msg:
-            case m.Result():
-                call = self._take(worker, msg.call_id)
-                if call is not None and not call.future.done():
-                    self._resolve(worker, call, msg)
-                elif msg.buffer is not None and worker.arena is not None:
-                    worker.arena.discard()  # nobody reads it; the worker may reuse the space
-                return 0 if call is None else 1
-            case m.Failure():
-                call = self._take(worker, msg.call_id)
-                if call is not None:
-                    call.fail(
-                        RemoteError(
-                            kind=msg.kind.value,
-                            type_name=msg.type_name,
-                            message=msg.message,
-                            remote_traceback=msg.traceback,
-                            method=call.method,
-                            worker_id=worker.worker_id,
-                        )
-                    )
-                    return 1
-            case m.Hello():
-                owner.on_hello(worker, msg)
-            case m.Heartbeat():
-                pass  # heard() already noted it
-        return 0
-
-    def _take(self, worker: Peer, call_id: int) -> PendingCall | None:
-        call = self._dispatcher.take(worker.identity, call_id) if worker.said_hello else None
-        if call is None:
-            self._count_bad_frame("unexpected")
-        return call
-
-    def _resolve(self, worker: Peer, call: PendingCall, result: m.Result) -> None:
-        try:
-            if result.buffer is None:
-                value = self._decoders[call.method].decode(result.value)
-            else:
-                declared = self._specs[call.method].result_type
-                value = read_result(worker.arena, result.buffer, declared)
-        except ArenaError as exc:  # never read: the reference lies outside the arena
-            log.warning("pool %s: worker %d: %r", self.name, worker.worker_id, exc)
-            self._count_bad_frame("reference")
-            call.fail(
-                RemoteError(
-                    kind="invalid-result", type_name="ProtocolError", message=str(exc),
-                    method=call.method, worker_id=worker.worker_id,
-                )
-            )  # fmt: skip
-        except Exception as exc:  # ValidationError, DecodeError, RecursionError: never escapes
-            call.fail(
-                RemoteError(
-                    kind="invalid-result",
-                    type_name=type(exc).__name__,
-                    message=f"result does not match the declared type: {exc}",
-                    method=call.method,
-                )
-            )
-        else:
-            call.resolve(value)
-
-    def _undecodable(self, worker: Peer, exc: Exception) -> int:
-        """A frame from one of our workers did not decode. Workers answer strictly in order and
-        only a result carries handler-made structure, so it is the answer to the oldest call the
-        worker owes: that call fails now instead of waiting for its timeout."""
-        why = f"{type(exc).__name__}: {exc}"
-        log.warning(
-            "pool %s: dropped %r",
-            self.name,
-            ProtocolError(f"undecodable frame from worker {worker.worker_id}: {why}"),
-        )
-        self._count_bad_frame("decode")
-        call = self._dispatcher.take(worker.identity, None) if worker.said_hello else None
-        if call is None:
-            return 0
-        call.fail(
-            RemoteError(
-                kind="invalid-result",
-                type_name=type(exc).__name__,
-                message=f"the worker's reply could not be decoded ({why}); a handler that "
-                "returns msgspec.Raw must return valid msgpack no more than ~1000 levels deep",
-                method=call.method,
-                worker_id=worker.worker_id,
-            )
-        )
-        return 1
+            self._replies.handle(worker, payloads[1:], hosts)
 
     def _count_bad_frame(self, kind: str) -> None:
         metrics.PROTOCOL_ERRORS.labels(self.name, kind).inc()
