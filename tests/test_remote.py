@@ -401,6 +401,9 @@ def test_remote_workers_time_out_recycle_and_quarantine_like_local_ones(site: Si
             first = {w.pid for w in host_rows(pool, "alpha")}
             pids = [await pool.call(Remote.pid_after, 0.0) for _ in range(20)]
             assert len(set(pids)) > 2 and not set(pids) <= first  # retired after 5 calls each
+            retired = set(pids) - {w.pid for w in host_rows(pool, "alpha")}
+            assert retired  # each stops once it owes nothing (the pool says Drained)
+            await eventually(lambda: not any(alive(pid) for pid in retired))
             with pytest.raises(PoisonCall) as poison:
                 await pool.call(Remote.segfault)
             assert poison.value.attempts == 2

@@ -130,7 +130,10 @@ class Hosts:
             self._stale(rid)
             return None
         session.last_heard = time.monotonic()
-        return session.workers.get(local)
+        worker = session.workers.get(local)
+        if worker is None:  # hosts relay only the workers they announced
+            self._count("unexpected")
+        return worker
 
     def on_control(self, rid: bytes, payload: bytes) -> None:
         """A control message of a host (see :mod:`minions.remote.wire`)."""
