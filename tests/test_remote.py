@@ -484,3 +484,63 @@ def test_a_host_rejoins_a_pool_that_restarted_on_the_same_address(site: Site) ->
         assert site.hosts[0].poll() is None  # the same host process all along
 
     run(scenario())
+
+
+def test_keys_added_while_the_pool_runs_are_allowed_and_a_broken_one_harms_nobody(
+    site: Site,
+) -> None:
+    """The allow-list is re-read when its directory changes; a file that is not a key (one
+    being copied in) is left out and logged, and never stops the ZAP handler."""
+    allowed = site.root / "allowed"
+    (allowed / "beta.key").unlink()
+
+    async def scenario() -> None:
+        async with site.pool(name="rekeyed", workers=0) as pool:
+            address = pool.snapshot().listen
+            (allowed / "broken.key").write_text("not a certificate\n")
+            site.host(address, "alpha", workers=1)
+            await wait_hosts(pool, alpha=1)  # allowed from the start, still joins
+            staged = allowed / ".beta.key.partial"
+            staged.write_bytes((site.root / "secrets" / "beta.key").read_bytes())
+            staged.rename(allowed / "beta.key")  # whole, all at once
+            site.host(address, "beta", workers=1)
+            await wait_hosts(pool, beta=1)
+            assert await pool.call(Remote.ping, 2) == 2
+
+    run(scenario())
+
+
+def test_a_lost_host_never_runs_a_non_idempotent_call_twice(site: Site) -> None:
+    """Calls pipelined on a host that is lost may each have run (their answers died with the
+    host): not idempotent, every one of them fails with host_lost instead of running again on
+    the host that is left."""
+
+    async def scenario() -> None:
+        pool = site.pool(name="at-most-once", workers=0, pipeline_window_s=30.0)
+        async with pool:
+            address = pool.snapshot().listen
+            alpha = site.host(address, "alpha", workers=1)
+            await wait_hosts(pool, alpha=1)
+            await pool.call(Remote.pid_after, 0.01)  # the method's cost is known: it pipelines
+            once = pool.options(idempotent=False)
+            calls = [asyncio.create_task(once.call(Remote.pid_after, 1.0)) for _ in range(3)]
+            await eventually(lambda: sum(w.in_flight for w in host_rows(pool, "alpha")) == 3)
+            site.host(address, "beta", workers=1)
+            await wait_hosts(pool, beta=1)
+            os.killpg(alpha.pid, signal.SIGKILL)
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(o, WorkerCrashed) and o.cause == "host_lost" for o in outcomes)
+            assert sum(w.calls_served for w in host_rows(pool, "beta")) == 0  # nothing re-ran
+
+    run(scenario())
+
+
+def test_map_over_a_pool_served_only_by_hosts(site: Site) -> None:
+    async def scenario() -> None:
+        async with site.pool(name="mapped", workers=0) as pool:
+            site.host(pool.snapshot().listen, "alpha", workers=2)
+            await wait_hosts(pool, alpha=2)
+            results = [r async for r in pool.map(Remote.ping, range(300))]
+            assert results == list(range(300))
+
+    run(scenario())

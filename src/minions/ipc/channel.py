@@ -162,8 +162,9 @@ class RouterChannel:
                 if now - self._warned_at.get(kind, -_WARN_EVERY_S) >= _WARN_EVERY_S:
                     self._warned_at[kind] = now
                     log.warning(
-                        "refused a connection on %s: %s (a peer retries every few 100 ms; "
-                        "each try counts in minions_protocol_errors_total{kind=%r})",
+                        "refused a connection on %s: %s (each attempt counts in "
+                        "minions_protocol_errors_total{kind=%r}; this warning repeats every 10 s "
+                        "at most)",
                         self.address, _WHY[kind], kind,
                     )  # fmt: skip
 

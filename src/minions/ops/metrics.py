@@ -131,8 +131,8 @@ PROTOCOL_ERRORS = Counter(
     "minions_protocol_errors",
     "Frames dropped or connections refused because they broke the protocol (kind: decode, "
     "unauthenticated, unexpected; on a listen pool also auth: unknown CURVE key, handshake: "
-    "plaintext client or wrong server key, replayed: a host hello seen before, stale: frames "
-    "of an ended host session).",
+    "plaintext client or wrong server key, replayed: a host hello seen before, protocol: a hello "
+    "for another version or service, stale: frames of an ended host session).",
     ["pool", "kind"],
     registry=REGISTRY,
 )

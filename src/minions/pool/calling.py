@@ -94,7 +94,8 @@ class CallFront:
             for name in specs
         }
         self._loop = loop
-        self.default_in_flight = 2 * config.workers * config.pipeline_depth  # see map()
+        # see map(); a pool served only by worker hosts (workers = 0) counts as one worker
+        self.default_in_flight = 2 * max(1, config.workers) * config.pipeline_depth
 
     def name_of(self, method: str | Callable[..., Any]) -> str:
         """The exposed name ``method`` stands for. An unknown string is the worker's

@@ -354,6 +354,8 @@ class Dispatcher:
             # with it the marker: the head may have been running
             culprit = calls[0]
         started = calls.index(culprit) + 1 if culprit is not None else len(calls)
+        if death.verdict.cause is DeathCause.HOST_LOST:
+            started = len(calls)  # the answers died with the host: any of them may have run
         back = []
         for i, call in enumerate(calls):
             if call.future.done():

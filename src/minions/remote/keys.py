@@ -64,14 +64,22 @@ def load_public(path: str | Path) -> bytes:
     return public
 
 
-def load_allowed(directory: str | Path) -> dict[bytes, str]:
-    """Allowed host keys: z85 public key -> host name (the file's stem)."""
+def load_allowed(
+    directory: str | Path, skip: Callable[[KeyFileError], None] | None = None
+) -> dict[bytes, str]:
+    """Allowed host keys: z85 public key -> host name (the file's stem). A file that is not a
+    key raises, or with ``skip`` is reported to it and left out (a key being copied in)."""
     path = Path(directory)
     if not path.is_dir():
         raise KeyFileError(f"host_keys_dir {str(path)!r} is not a directory")
     allowed: dict[bytes, str] = {}
     for cert in sorted(path.glob("*.key")):
-        allowed[load_public(cert)] = cert.stem
+        try:
+            allowed[load_public(cert)] = cert.stem
+        except KeyFileError as exc:
+            if skip is None:
+                raise
+            skip(exc)
     return allowed
 
 
@@ -122,9 +130,17 @@ class HostAuthenticator(ThreadAuthenticator):
         except OSError:
             return
         if mtime != self._mtime:
-            allowed = load_allowed(self._directory)
+            try:  # never raise here: an exception ends the ZAP thread, and every host with it
+                allowed = load_allowed(self._directory, self._skip)
+            except KeyFileError as exc:  # the directory itself went away
+                log.error("%s; keeping the hosts allowed before", exc)
+                return
             with self._lock:
                 self._hosts, self._mtime = allowed, mtime
+
+    @staticmethod
+    def _skip(exc: KeyFileError) -> None:
+        log.error("host_keys_dir: %s; that host is not allowed until its key file is whole", exc)
 
     def callback(self, domain: str, z85_key: bytes) -> bool:
         """ZAP thread: is this client key allowed? (Refusals are counted by the socket
