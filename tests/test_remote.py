@@ -62,8 +62,10 @@ class Site:
         )
         return RemotePool(config)
 
-    def host(self, address: str, name: str, workers: int = 2) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
+    def host(
+        self, address: str, name: str, workers: int = 2, **env_extra: str
+    ) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]), **env_extra)
         argv = [
             sys.executable, "-m", "minions", "worker-host", "--connect", address,
             "--service", "remote_services:Remote", "--workers", str(workers),
@@ -544,3 +546,33 @@ def test_map_over_a_pool_served_only_by_hosts(site: Site) -> None:
             assert results == list(range(300))
 
     run(scenario())
+
+
+def test_a_host_tells_systemd_ready_then_which_pool_it_serves(site: Site) -> None:
+    """A fake NOTIFY_SOCKET listener speaking the real datagram protocol: READY=1 at start
+    (a host is up even while its pool is not), then STATUS= once it serves the pool."""
+    path = site.root / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.setblocking(False)
+    said: list[str] = []
+
+    def heard(text: str) -> bool:
+        while True:
+            try:
+                said.append(listener.recv(4096).decode())
+            except BlockingIOError:
+                return any(text in datagram for datagram in said)
+
+    async def scenario() -> None:
+        async with site.pool(name="notified", workers=0) as pool:
+            site.host(pool.snapshot().listen, "alpha", workers=2, NOTIFY_SOCKET=str(path))
+            await eventually(lambda: heard("READY=1"))
+            await wait_hosts(pool, alpha=2)
+            await eventually(lambda: heard("STATUS=pool notified at tcp://127.0.0.1:"))
+            await eventually(lambda: heard(": 2 workers"))
+
+    try:
+        run(scenario())
+    finally:
+        listener.close()

@@ -318,6 +318,7 @@ class WorkerHost:
         self.cfg = cfg
         self._stop = asyncio.Event()
         self._sessions: dict[str, Session] = {}
+        self._status_sent = ""
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -352,7 +353,7 @@ class WorkerHost:
                 await asyncio.shield(session.close())
             log.warning("session with pool %s ended: %s", address, session.end_reason)
             pause = min(_REJOIN_MAX_S, pause * 2) if session.refused else _REJOIN_MIN_S
-            sdnotify.status(self._status())
+            self._publish_status()
             await asyncio.sleep(pause)
 
     async def _run_session(self, session: Session) -> None:
@@ -360,10 +361,20 @@ class WorkerHost:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(session.ended.wait(), _TICK_S)
             session.tick(time.monotonic())
+            self._publish_status()
+
+    def _publish_status(self) -> None:
+        """``STATUS=`` for systemctl status, sent when it changes (joined, workers up or down)."""
+        text = self._status()
+        if text != self._status_sent:
+            self._status_sent = text
+            sdnotify.status(text)
 
     def _status(self) -> str:
         parts = [
-            f"{s.pool_name or a}: {s.workers_ready} workers" if s.pool_name else f"{a}: connecting"
+            f"pool {s.pool_name} at {a}: {s.workers_ready} workers"
+            if s.pool_name and not s.ended.is_set()
+            else f"{a}: connecting"
             for a, s in self._sessions.items()
         ]
         return "; ".join(parts) or "starting"
