@@ -50,6 +50,7 @@ from minions.pool.replies import Replies
 from minions.pool.states import Circuit, PoolSnapshot, PoolState
 from minions.pool.supervisor import Supervisor
 from minions.pool.verdict import DeathCause
+from minions.pool.waiting import wait_until
 from minions.remote import wire
 from minions.remote.keys import KeyFileError, ServerKeys
 from minions.resource import Resource, stop_deadline
@@ -461,14 +462,4 @@ class WorkerPool(Calling[S], Resource):
 
     async def _wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait until ``predicate()`` holds, re-checking whenever pool state changes."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                return predicate()
-        return True
+        return await wait_until(self._changed, predicate, timeout)

@@ -41,6 +41,7 @@ from minions.pool.config import PoolConfig
 from minions.pool.events import Death, Settlement, WorkerRef
 from minions.pool.states import Circuit
 from minions.pool.supervisor import Supervisor
+from minions.pool.waiting import wait_until
 from minions.remote import keys, wire
 
 log = logging.getLogger("minions.remote")
@@ -296,15 +297,7 @@ class Session:
         self._changed.set()
 
     async def _wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(remaining, _TICK_S))
-        return True
+        return await wait_until(self._changed, predicate, timeout)
 
     @property
     def workers_ready(self) -> int:
