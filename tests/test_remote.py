@@ -212,11 +212,12 @@ def test_a_lost_host_call_is_retried_elsewhere_under_retries_on_crash(site: Site
             await wait_hosts(pool, alpha=1)
             call = asyncio.create_task(pool.call(Remote.pid_after, 2.0))
             await eventually(lambda: any(w.in_flight for w in host_rows(pool, "alpha")))
+            os.killpg(alpha.pid, signal.SIGKILL)  # mid-call: the retry waits for a worker
+            await eventually(lambda: pool.snapshot().hosts_lost == 1)
+            assert not call.done()
             site.host(address, "beta", workers=1)
             await wait_hosts(pool, beta=1)
             beta_pid = host_rows(pool, "beta")[0].pid
-            assert not call.done() and any(w.in_flight for w in host_rows(pool, "alpha"))
-            os.killpg(alpha.pid, signal.SIGKILL)
             assert await call == beta_pid
 
     run(scenario())
@@ -234,7 +235,7 @@ def test_a_partitioned_host_is_lost_its_late_answers_dropped_and_it_rejoins(site
             alpha = site.host(address, "alpha", workers=2)
             await wait_hosts(pool, alpha=2)
             old_pids = {w.pid for w in host_rows(pool, "alpha")}
-            calls = [asyncio.create_task(pool.call(Remote.pid_after, 0.3)) for _ in range(2)]
+            calls = [asyncio.create_task(pool.call(Remote.pid_after, 1.0)) for _ in range(2)]
             await eventually(lambda: sum(w.in_flight for w in host_rows(pool, "alpha")) == 2)
             os.killpg(alpha.pid, signal.SIGSTOP)  # the host and its workers: a cut cable
             try:
@@ -525,10 +526,11 @@ def test_a_lost_host_never_runs_a_non_idempotent_call_twice(site: Site) -> None:
             await wait_hosts(pool, alpha=1)
             await pool.call(Remote.pid_after, 0.01)  # the method's cost is known: it pipelines
             once = pool.options(idempotent=False)
-            calls = [asyncio.create_task(once.call(Remote.pid_after, 1.0)) for _ in range(3)]
+            calls = [asyncio.create_task(once.call(Remote.pid_after, 10.0)) for _ in range(3)]
             await eventually(lambda: sum(w.in_flight for w in host_rows(pool, "alpha")) == 3)
             site.host(address, "beta", workers=1)
             await wait_hosts(pool, beta=1)
+            assert not any(c.done() for c in calls)  # all three still owed by alpha
             os.killpg(alpha.pid, signal.SIGKILL)
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
             assert all(isinstance(o, WorkerCrashed) and o.cause == "host_lost" for o in outcomes)

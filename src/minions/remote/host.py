@@ -50,6 +50,7 @@ _TICK_S = 0.05
 _NOBLOCK = int(zmq.NOBLOCK)
 _SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
 _STOP_S = 5.0  # a session's workers get this long to stop (polite, SIGTERM, SIGKILL)
 _BYE_LINGER_MS = 1000  # how long a goodbye may wait for the pool's socket
 _REJOIN_MIN_S, _REJOIN_MAX_S = 0.2, 5.0  # between sessions: doubling while refused
@@ -159,11 +160,19 @@ class Session:
     # --- the pool's side -------------------------------------------------------------------
 
     def _drain(self) -> None:
+        """Read the pool's messages until none is left. As in the pool's channel, the first two
+        are looked for with ``EVENTS`` (cheaper than the ``zmq.Again`` a latency-path drain of
+        one message would otherwise raise), the rest read until ``zmq.Again``."""
         link = self._link
+        looks = 2
         while True:
             try:
+                if looks:
+                    looks -= 1
+                    if not link.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+                        return
                 frames = link.recv_multipart(_NOBLOCK)
-            except zmq.ZMQError:  # zmq.Again: read empty, which re-arms the edge
+            except zmq.ZMQError:  # zmq.Again: read empty, which re-arms the edge; or closed
                 return
             self._last_heard = time.monotonic()
             try:
@@ -238,7 +247,7 @@ class Session:
                 link.send(frame, flags, copy=len(frame) < m.ZERO_COPY_MIN_BYTES)
         except zmq.ZMQError as exc:
             log.warning("cannot send to pool %s: %s", self.address, exc)
-        if int(link.getsockopt(zmq.EVENTS)) & _POLLIN:
+        if link.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
             self._loop.call_soon(self._drain)
 
     # --- the workers' side -----------------------------------------------------------------
